@@ -1,0 +1,40 @@
+"""The ``braindino`` command: one subcommand per pipeline stage, each in its own module.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when used,
+so ``braindino --help`` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "synth": ("braindino.synth.command", "generate the embedded synthetic brain-MRI cohort (NIfTI + manifest.csv)"),
+    "prepare": ("braindino.store.command", "ingest a manifest's volumes into a memory-mapped slice store"),
+    "train": ("braindino.train.command", "self-supervised pretraining (DINO/iBOT/KoLeo or SimCLR) on a slice store"),
+    "demo": ("braindino.demo", "run the main job end to end on the embedded synthetic cohort"),
+}
+
+
+def build_parser(argv) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braindino", description="Brain-MRI foundation models: "
+                                     "slice-wise self-distillation, feature extraction and probing.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

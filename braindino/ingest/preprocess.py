@@ -1,0 +1,168 @@
+"""Turn one canonical volume into normalised, fixed-size axial slices.
+
+Steps: foreground mask -> robust intensity window (percentiles of foreground voxels) -> in-plane resampling of the
+axial stack to ``spacing_mm`` -> one crop/pad window of ``[size, size]`` centred on the foreground bounding box (the
+same window for every slice) -> slice selection by foreground fraction -> clip and scale to [0, 1], background 0.
+
+Slice layout: ``slices[k]`` is the axial plane ``z = z_indices[k]`` of :attr:`Volume.data` with rows running along X
+(towards Right) and columns along Y (towards Anterior), after resampling and cropping. Resampled pixel ``(r, c)``
+sits at output pixel ``(r - crop_offset[0], c - crop_offset[1])``.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from braindino.errors import InputError
+from braindino.ingest.readers import Volume
+
+FOREGROUND_METHODS = ("auto", "nonzero", "otsu")
+AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" treats a volume with at least this share of exact zeros as stripped
+IN_PLANE_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
+
+
+@dataclass
+class PreprocessConfig:
+    """How volumes become slices; see the module docstring for the pipeline."""
+
+    spacing_mm: float = 1.0
+    size: int = 224
+    foreground: str = "auto"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    min_foreground_fraction: float = 0.05
+
+    def __post_init__(self):
+        low, high = self.clip_percentiles
+        if not self.spacing_mm > 0:
+            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        if self.size < 1:
+            raise ValueError(f"size must be at least 1, got {self.size}")
+        if self.foreground not in FOREGROUND_METHODS:
+            raise ValueError(f"foreground must be one of {FOREGROUND_METHODS}, got {self.foreground!r}")
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+        if not 0 <= self.min_foreground_fraction <= 1:
+            raise ValueError(f"min_foreground_fraction must be in [0, 1], got {self.min_foreground_fraction}")
+
+
+@dataclass
+class PreprocessedVolume:
+    """Kept axial slices of one volume.
+
+    ``slices`` ``[K, size, size]`` float16 in [0, 1] (background 0); ``z_indices`` ``[K]`` int32 (Z index in
+    :attr:`Volume.data`); ``foreground_fraction`` ``[K]`` float32 (share of the window that is foreground);
+    ``affine`` ``[4, 4]`` and ``spacing`` are the canonical volume's; ``crop_offset`` (row, col) is where the output
+    window starts in the resampled in-plane grid of shape ``resampled_shape`` (negative = zero padding).
+    """
+
+    slices: np.ndarray
+    z_indices: np.ndarray
+    foreground_fraction: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    crop_offset: tuple[int, int]
+    resampled_shape: tuple[int, int]
+
+
+def preprocess_volume(volume: Volume, config: PreprocessConfig) -> PreprocessedVolume:
+    """Preprocess ``volume.data`` ``[X, Y, Z]`` into ``[K, size, size]`` slices; raises InputError if none remain."""
+    data = volume.data
+    if not np.any(data):
+        raise InputError(volume.source_path, "all voxels are zero", "check that the file holds the intended image")
+    mask = foreground_mask(data, config.foreground)
+    if not np.any(mask):
+        raise InputError(volume.source_path, f"no foreground found (method '{config.foreground}')",
+                         "check the image, or choose another foreground method")
+    low, high = np.percentile(data[mask], config.clip_percentiles)
+    if not high > low:
+        raise InputError(volume.source_path, "foreground intensity is constant between the clip percentiles",
+                         "check that the file is an intensity image and not a mask or label map")
+
+    extent_mm = np.asarray(data.shape[:2]) * np.asarray(volume.spacing[:2])
+    resampled_shape = tuple(max(1, int(round(mm / config.spacing_mm))) for mm in extent_mm)     # (H, W)
+    mask_stack = _resample_stack(mask.transpose(2, 0, 1), resampled_shape)                      # [Z, H, W]
+    crop_offset = _window_offset(mask_stack.any(axis=0), config.size)
+    mask_window = _crop_or_pad(mask_stack, crop_offset, config.size)                            # [Z, size, size]
+    fraction = mask_window.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+    keep = np.flatnonzero(fraction >= config.min_foreground_fraction).astype(np.int32)
+    if keep.size == 0:
+        raise InputError(volume.source_path, f"no axial slice has at least {config.min_foreground_fraction:.0%} "
+                                             f"foreground in a {config.size}x{config.size} window",
+                         "check the image orientation and voxel size, or lower min_foreground_fraction")
+
+    data_stack = _resample_stack(data.transpose(2, 0, 1)[keep], resampled_shape)               # [K, H, W]
+    window = _crop_or_pad(data_stack, crop_offset, config.size)
+    scaled = np.clip((window - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+    scaled *= mask_window[keep]
+    return PreprocessedVolume(
+        slices=scaled.astype(np.float16),
+        z_indices=keep,
+        foreground_fraction=fraction[keep],
+        affine=volume.affine,
+        spacing=volume.spacing,
+        crop_offset=crop_offset,
+        resampled_shape=resampled_shape,
+    )
+
+
+def foreground_mask(data: np.ndarray, method: str) -> np.ndarray:
+    """Boolean ``[X, Y, Z]`` foreground of ``data`` ``[X, Y, Z]``.
+
+    ``nonzero``: voxels != 0 (skull-stripped or background-zeroed images). ``otsu``: above SimpleITK's Otsu
+    threshold, holes filled per axial slice. ``auto``: ``nonzero`` when at least 30 % of voxels are exactly 0,
+    else ``otsu``.
+    """
+    if method == "auto":
+        zero_fraction = 1.0 - np.count_nonzero(data) / data.size
+        method = "nonzero" if zero_fraction >= AUTO_NONZERO_MIN_ZERO_FRACTION else "otsu"
+    if method == "nonzero":
+        return data != 0
+    if method == "otsu":
+        # ITK reads the array as [z, y, x]; the threshold is a function of the voxel values only, and the mask
+        # comes back in the same memory layout, so no transposes are needed.
+        above = sitk.OtsuThreshold(sitk.GetImageFromArray(data), 0, 1)
+        return ndimage.binary_fill_holes(sitk.GetArrayViewFromImage(above).astype(bool),
+                                         structure=IN_PLANE_FILL_STRUCTURE)
+    raise ValueError(f"unknown foreground method {method!r}; expected one of {FOREGROUND_METHODS}")
+
+
+def _resample_stack(stack: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resample every plane of ``stack`` ``[N, H, W]`` to ``[N, *shape]`` in one torch call (unchanged if same size).
+
+    Boolean masks use ``nearest-exact``; intensities use bilinear, antialiased when shrinking. Both align pixel
+    centres (``align_corners=False``), so the physical extent of the plane is kept.
+    """
+    if stack.shape[1:] == tuple(shape):
+        return stack
+    if stack.dtype == bool:
+        tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.uint8))[:, None]
+        return F.interpolate(tensor, size=shape, mode="nearest-exact")[:, 0].numpy().astype(bool)
+    tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
+    shrinking = shape[0] < stack.shape[1] or shape[1] < stack.shape[2]
+    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)[:, 0].numpy()
+
+
+def _window_offset(in_plane_foreground: np.ndarray, size: int) -> tuple[int, int]:
+    """(row, col) start of the ``size`` window centred on the bounding box of ``in_plane_foreground`` ``[H, W]``."""
+    rows = np.flatnonzero(in_plane_foreground.any(axis=1))
+    cols = np.flatnonzero(in_plane_foreground.any(axis=0))
+    return (int(rows[0] + rows[-1] + 1 - size) // 2, int(cols[0] + cols[-1] + 1 - size) // 2)
+
+
+def _crop_or_pad(stack: np.ndarray, offset: tuple[int, int], size: int) -> np.ndarray:
+    """Cut ``[N, size, size]`` out of ``stack`` ``[N, H, W]`` starting at ``offset``; outside the stack is 0.
+
+    The window must overlap the stack (it always does: it is centred on the foreground bounding box).
+    """
+    out = np.zeros((stack.shape[0], size, size), dtype=stack.dtype)
+    (row, col), (height, width) = offset, stack.shape[1:]
+    src_rows = slice(max(row, 0), min(row + size, height))
+    src_cols = slice(max(col, 0), min(col + size, width))
+    dst_rows = slice(src_rows.start - row, src_rows.stop - row)
+    dst_cols = slice(src_cols.start - col, src_cols.stop - col)
+    out[:, dst_rows, dst_cols] = stack[:, src_rows, src_cols]
+    return out

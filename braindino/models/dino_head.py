@@ -1,0 +1,60 @@
+"""DINO / iBOT projection head: MLP -> bottleneck -> L2 normalisation -> weight-normalised prototype layer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+# Floor on the bottleneck norm before dividing; large enough to stay non-zero in fp16/bf16.
+_NORMALIZE_EPS = 1e-6
+
+
+class DINOHead(nn.Module):
+    """Maps backbone embeddings to logits over ``out_dim`` prototypes.
+
+    ``n_layers`` Linear layers (GELU between them) take ``in_dim`` through ``hidden_dim`` to ``bottleneck_dim``; the
+    bottleneck vector is L2-normalised and multiplied by the prototype matrix ``[out_dim, bottleneck_dim]``, whose rows
+    are kept at unit norm: the weight is weight-normalised (``W = g * V / ||V||`` row-wise) with ``g`` fixed to 1 and
+    not trained. Logits are therefore cosine similarities in ``[-1, 1]``; the losses' temperatures set their scale.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_layers: int = 3,
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        widths = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(width_in, width_out))
+            if index < n_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+        prototypes = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        nn.init.trunc_normal_(prototypes.weight, std=0.02)
+        self.last_layer = weight_norm(prototypes)
+        row_norm = self.last_layer.parametrizations.weight.original0  # g: [out_dim, 1]
+        with torch.no_grad():
+            row_norm.fill_(1.0)
+        row_norm.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., in_dim]`` embeddings -> ``[..., out_dim]`` logits."""
+        bottleneck = F.normalize(self.mlp(x), p=2, dim=-1, eps=_NORMALIZE_EPS)
+        return self.last_layer(bottleneck)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The trainable prototype parameters (the direction ``V``); DINO keeps them fixed for the first iterations."""
+        return [parameter for parameter in self.last_layer.parameters() if parameter.requires_grad]

@@ -1,0 +1,203 @@
+"""``prepare_store``: ingest every volume of a manifest into a slice store, in parallel, resumably.
+
+Worker processes hash, load and preprocess volumes (``braindino.ingest``); the parent appends their slices to the
+open shard in manifest order and commits shards and index as they fill (see :mod:`braindino.store.format`).
+A volume whose file hash matches its stored copy is skipped (its manifest columns are refreshed); a changed file
+is ingested again and replaces its old copy. Each volume that cannot be stored gets one line — file, cause, what
+to do — on the console and in ``STORE/errors.csv``; the others are stored regardless.
+"""
+
+import json
+import multiprocessing
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from braindino.atomic import atomic_path
+from braindino.errors import InputError
+from braindino.ingest.preprocess import PreprocessConfig, preprocess_volume
+from braindino.ingest.readers import content_hash, load_volume
+from braindino.manifest import find_duplicate_rows, read_manifest
+from braindino.store.format import (DEFAULT_SHARD_BYTES, ERRORS_CSV, RESERVED_COLUMNS, StoreBuilder,
+                                    volume_key)
+
+ERROR_COLUMNS = ["path", "subject", "sequence", "cause", "hint"]
+UNEXPECTED_HINT = ("check that the file opens in an image viewer; if it does, report this error type to the "
+                   "braindino maintainers")
+DUPLICATE_CAUSE = "duplicate manifest row (same path and volume_index as an earlier row)"
+DUPLICATE_HINT = "remove the repeated row; the first one was processed"
+
+
+@dataclass
+class PrepareReport:
+    """What one ``prepare_store`` run did. ``errors`` holds one dict per failed row (``ERROR_COLUMNS``)."""
+
+    stored: int = 0
+    skipped: int = 0
+    slices_written: int = 0
+    store_slices: int = 0
+    seconds: float = 0.0
+    errors: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        handled = self.stored + self.skipped + self.failed
+        rate = handled / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.stored} volumes stored, {self.skipped} unchanged, {self.failed} failed; "
+                f"{self.slices_written} slices written ({self.store_slices} in store); "
+                f"{self.seconds:.1f} s, {rate:.2f} volumes/s")
+
+
+@dataclass
+class _Task:
+    """One manifest row to ingest; ``stored_hash`` is the content hash of its stored copy, if any."""
+
+    position: int
+    path: str
+    volume_index: int | None
+    stored_hash: str | None
+    config: PreprocessConfig
+
+
+@dataclass
+class _Outcome:
+    """A worker's answer: status "stored" (with ``columns`` and [K, S, S] ``slices``), "unchanged" or "failed"."""
+
+    position: int
+    status: str
+    columns: dict = field(default_factory=dict)
+    slices: np.ndarray | None = None
+    z_indices: np.ndarray | None = None
+    cause: str = ""
+    hint: str = ""
+
+
+def _ingest(task: _Task) -> _Outcome:
+    """Hash, load and preprocess one volume (runs in a worker process); never raises for a bad file."""
+    try:
+        digest = content_hash(task.path)
+        if digest == task.stored_hash:
+            return _Outcome(task.position, "unchanged")
+        volume = load_volume(task.path, task.volume_index)
+        prepared = preprocess_volume(volume, task.config)
+    except InputError as err:
+        return _Outcome(task.position, "failed", cause=err.cause, hint=err.hint)
+    except Exception as err:  # a reader or filter failing in a way ingest does not recognise
+        return _Outcome(task.position, "failed", cause=f"unexpected error {type(err).__name__}: {err}",
+                        hint=UNEXPECTED_HINT)
+    columns = {
+        "content_hash": digest,
+        "spacing_x": prepared.spacing[0], "spacing_y": prepared.spacing[1], "spacing_z": prepared.spacing[2],
+        "shape_x": volume.data.shape[0], "shape_y": volume.data.shape[1], "shape_z": volume.data.shape[2],
+        "crop_row": prepared.crop_offset[0], "crop_col": prepared.crop_offset[1],
+        "resampled_rows": prepared.resampled_shape[0], "resampled_cols": prepared.resampled_shape[1],
+        "affine": json.dumps(np.asarray(prepared.affine, dtype=np.float64).tolist()),
+    }
+    return _Outcome(task.position, "stored", columns, prepared.slices, prepared.z_indices)
+
+
+def _prepare_worker() -> None:
+    """Worker initializer: compute on one core (torch resampling, ITK filters), so that ``workers`` processes use
+    ``workers`` cores; leave Ctrl-C to the parent, which commits what is done and stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _outcomes(tasks: list[_Task], workers: int):
+    """Yield one outcome per task, in task order; ``workers`` > 1 spreads the work over worker processes.
+
+    A worker that dies (killed for memory, say) raises ``BrokenProcessPool`` here rather than hanging the run.
+    """
+    if workers <= 1:
+        yield from map(_ingest, tasks)
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_prepare_worker)
+    try:
+        yield from executor.map(_ingest, tasks)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _report_failure(report: PrepareReport, row: dict, cause: str, hint: str, print_line) -> None:
+    """Record one failed manifest row in ``report.errors`` and print its one-line explanation."""
+    report.errors.append({"path": row["path"], "subject": row.get("subject", ""),
+                          "sequence": row.get("sequence", ""), "cause": cause, "hint": hint})
+    print_line(f"{row['path']}: {cause} — {hint}")
+
+
+def _write_errors(out_dir, errors: list[dict]) -> None:
+    with atomic_path(out_dir / ERRORS_CSV) as tmp:
+        pd.DataFrame(errors, columns=ERROR_COLUMNS).to_csv(tmp, index=False)
+
+
+def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None, workers: int = 1,
+                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> PrepareReport:
+    """Ingest the volumes listed in ``manifest_path`` into the store folder ``out_dir``.
+
+    Manifest-level problems (unreadable CSV, missing columns, a column name the store reserves) and a store
+    that cannot be appended to (other preprocessing config, unknown format version, another writer running)
+    raise InputError before anything is written. Per-volume problems are collected in the returned report,
+    printed and written to ``out_dir/errors.csv``.
+    """
+    started = time.perf_counter()
+    config = config or PreprocessConfig()
+    manifest = read_manifest(manifest_path)
+    reserved = sorted(RESERVED_COLUMNS.intersection(manifest.columns) - {"path", "volume_index"})
+    if reserved:
+        raise InputError(manifest_path, f"manifest column(s) {', '.join(reserved)} clash with store columns",
+                         "rename those label columns")
+    out_dir = Path(out_dir)
+    rows = manifest.to_dict("records")
+    duplicates = set(find_duplicate_rows(manifest))
+    report = PrepareReport()
+    with StoreBuilder(out_dir, asdict(config), config.size, config.size, shard_bytes) as builder:
+        tasks = []
+        for position, row in enumerate(rows):
+            if position in duplicates:
+                _report_failure(report, row, DUPLICATE_CAUSE, DUPLICATE_HINT, tqdm.write)
+            else:
+                key = volume_key(row["path"], row.get("volume_index"))
+                tasks.append(_Task(position, key[0], key[1], builder.stored_hash(key), config))
+        outcomes = _outcomes(tasks, workers)
+        try:
+            bar = tqdm(outcomes, total=len(tasks), desc="prepare", unit="vol", disable=not progress)
+            for outcome in bar:
+                row = rows[outcome.position]
+                key = volume_key(row["path"], row.get("volume_index"))
+                metadata = {name: value for name, value in row.items() if name not in ("path", "volume_index")}
+                if outcome.status == "unchanged":
+                    builder.update_volume(key, metadata)
+                    report.skipped += 1
+                elif outcome.status == "failed":
+                    builder.drop_volume(key)
+                    _report_failure(report, row, outcome.cause, outcome.hint, bar.write)
+                else:
+                    builder.add_volume({"path": key[0], "volume_index": key[1], **metadata, **outcome.columns},
+                                       outcome.slices, outcome.z_indices)
+                    report.stored += 1
+                    report.slices_written += len(outcome.slices)
+            builder.commit()
+            report.store_slices = builder.n_slices
+        finally:
+            outcomes.close()
+            _write_errors(out_dir, report.errors)
+            report.seconds = time.perf_counter() - started
+    return report

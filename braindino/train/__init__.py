@@ -1,0 +1,1 @@
+"""Self-supervised pretraining on slice stores: DINOv2 (DINO + iBOT + KoLeo) and SimCLR, under torchrun."""

@@ -1,0 +1,106 @@
+"""Training checkpoints: full (unsharded) state, written atomically by rank 0, loadable at any world size.
+
+A checkpoint holds everything a resumed run needs to continue bit-identically: student, teacher, optimiser,
+loss state (teacher centres), the next step to run (the data order and the per-step random streams are pure
+functions of the step, see ``braindino.train.data``), and the global RNG states. It is a plain dict of tensors
+and Python scalars, read back with ``torch.load(weights_only=True)``.
+"""
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                      get_optimizer_state_dict, set_model_state_dict,
+                                                      set_optimizer_state_dict)
+
+from braindino.atomic import atomic_path
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoint_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir/checkpoints`` (temporary files are ignored)."""
+    found = sorted((int(m.group(1)), p) for p in checkpoint_dir(run_dir).glob("step-*.pt")
+                   if (m := CHECKPOINT_PATTERN.search(p.name)))
+    return found[-1][1] if found else None
+
+
+def capture_rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_training_state(student, teacher, optimizer, objective, next_step: int) -> dict:
+    """Collect the full training state on every rank (collective under FSDP); only rank 0 needs to write it."""
+    state = {
+        "next_step": next_step,
+        "student": get_model_state_dict(student, options=_FULL),
+        "optimizer": get_optimizer_state_dict(student, optimizer, options=_FULL),
+        "objective": {k: v.cpu() for k, v in objective.state_dict().items()},
+        "rng": capture_rng_state(),
+    }
+    if teacher is not None:
+        state["teacher"] = get_model_state_dict(teacher, options=_FULL)
+    return state
+
+
+def assert_finite(state: dict) -> None:
+    """Refuse to write a checkpoint whose weights hold NaN or Inf."""
+    for part in ("student", "teacher"):
+        for name, tensor in state.get(part, {}).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise RuntimeError(f"refusing to write a checkpoint: {part}.{name} holds NaN/Inf")
+
+
+def write_checkpoint(run_dir, state: dict, keep_last: int) -> Path:
+    """Atomically write ``step-XXXXXXXX.pt`` (numbered by steps completed) and keep the newest ``keep_last``."""
+    assert_finite(state)
+    directory = checkpoint_dir(run_dir)
+    path = directory / f"step-{state['next_step']:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    existing = sorted(p for p in directory.glob("step-*.pt") if CHECKPOINT_PATTERN.search(p.name))
+    for old in existing[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_training_state(state: dict, student, teacher, optimizer, objective) -> int:
+    """Load ``state`` into the (possibly wrapped or sharded) modules; returns the next step to run."""
+    load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(student, state["student"], options=load_options)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=load_options)
+    if teacher is not None:
+        set_model_state_dict(teacher, state["teacher"], options=load_options)
+    objective.load_state_dict(state["objective"])
+    restore_rng_state(state["rng"])
+    return int(state["next_step"])

@@ -1,0 +1,55 @@
+"""``python train_dino.py`` / ``braindino train``: pretrain on a slice store, alone or under torchrun."""
+
+import argparse
+import sys
+
+from braindino.train.config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML file from configs/, e.g. configs/dino_vit_small.yaml")
+    parser.add_argument("--data", required=True, help="slice store made by `braindino prepare`")
+    parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, checkpoints/")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.iters=2000 model.arch=vit_base")
+    parser.epilog = ("Multi-GPU / multi-node: torchrun --nproc_per_node=8 [--nnodes=N --rdzv-endpoint=HOST:PORT] "
+                     "train_dino.py ... ; optim.global_batch_size is the batch summed over all processes.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from braindino.train.distributed import shutdown
+    from braindino.train.trainer import NonFiniteLossError, train
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(config, args.data, args.out, resume=args.resume)
+    except (NonFiniteLossError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if summary["world_size"] == 1 or _is_rank_zero():
+        first, last = summary["first_losses"] or {}, summary["last_losses"] or {}
+        print(f"pretrained {summary['objective']} for {summary['steps_run']} steps on {summary['world_size']} "
+              f"process(es) [{summary['device']}, {summary['precision']}, attn={summary['attention']}] in "
+              f"{summary['seconds']:.1f}s: loss {first.get('total', float('nan')):.4f} → "
+              f"{last.get('total', float('nan')):.4f}; run in {args.out}")
+    return 0
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="train_dino.py", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

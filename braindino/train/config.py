@@ -1,0 +1,116 @@
+"""Training configuration: built-in defaults ← a YAML file from ``configs/`` ← ``key=value`` overrides.
+
+Every key a run reads is declared in ``DEFAULTS`` (unknown keys in a YAML file or an override are an error,
+so a typo never silently trains the wrong model). The resolved config is saved in the run directory.
+"""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULTS = {
+    "objective": "dino",                 # dino (DINO + iBOT + KoLeo) | simclr (NT-Xent, the BrainIAC objective)
+    "seed": 0,
+    "model": {
+        "arch": "vit_small",             # vit_tiny | vit_small | vit_base | vit_large
+        "patch_size": 16,
+        "depth": None,                   # override the preset's depth (tiny test models)
+        "num_register_tokens": 4,
+        "drop_path_rate": 0.1,
+        "layerscale_init": 1.0e-5,
+        "attn": "auto",                  # auto | sdpa | xformers
+        "init_from": None,               # timm-format ViT weights (.safetensors / .pth) to start from
+    },
+    "dino": {
+        "loss_weight": 1.0,
+        "n_prototypes": 65536,
+        "head_hidden_dim": 2048,
+        "head_bottleneck_dim": 256,
+        "head_n_layers": 3,
+        "teacher_target": "sinkhorn",    # sinkhorn (Sinkhorn-Knopp, DINOv2) | centering (DINO softmax centring)
+        "center_momentum": 0.9,
+        "student_temp": 0.1,
+        "freeze_last_layer_iters": 1250,
+    },
+    "ibot": {
+        "loss_weight": 1.0,              # 0 disables masking and the patch loss
+        "separate_head": False,
+        "n_prototypes": 65536,
+        "mask_ratio_range": [0.1, 0.5],
+        "mask_sample_probability": 0.5,
+    },
+    "koleo": {"loss_weight": 0.1},
+    "simclr": {"temperature": 0.1, "projection_dim": 128, "hidden_dim": 2048},
+    "crops": {
+        "global_size": 224,
+        "local_size": 96,
+        "n_local": 8,
+        "global_scale": [0.32, 1.0],
+        "local_scale": [0.05, 0.32],
+        "flip_p": 0.5,
+        "max_rotation_deg": 10.0,
+    },
+    "intensity": {},                     # fields of braindino.augment.IntensityAugmentConfig to change
+    "optim": {
+        "global_batch_size": 64,         # images per step summed over all processes
+        "iters": 10000,
+        "base_lr": 0.004,                # for a global batch of 1024, scaled by lr_scaling
+        "lr_scaling": "sqrt",            # sqrt | linear | none
+        "min_lr": 1.0e-6,
+        "warmup_iters": 1000,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.2,
+        "layer_decay": 0.9,
+        "patch_embed_lr_multiplier": 0.2,
+        "clip_grad": 3.0,
+        "betas": [0.9, 0.999],
+    },
+    "teacher": {
+        "momentum": 0.992,               # EMA momentum at step 0, cosine to momentum_end
+        "momentum_end": 1.0,
+        "temp": 0.07,
+        "temp_warmup_start": 0.04,
+        "temp_warmup_iters": 3000,
+    },
+    "train": {
+        "num_workers": 4,
+        "precision": "auto",             # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+        "distributed": "ddp",            # ddp | fsdp (FSDP2 fully_shard, for large models)
+        "log_every": 10,
+        "monitor_every": 50,
+        "checkpoint_every": 500,
+        "keep_last": 3,
+        "max_consecutive_nonfinite": 3,
+        "knn_label": None,               # manifest label column for the online kNN monitor
+        "knn_every": 0,                  # 0 disables it
+        "knn_slices_per_volume": 8,
+        "wandb": False,
+        "wandb_project": "braindino",
+        "progress": True,
+    },
+}
+
+
+def load_config(path=None, overrides=()) -> DictConfig:
+    """Merge defaults, the YAML file at ``path`` and ``key=value`` overrides; unknown keys raise ``ValueError``."""
+    config = OmegaConf.create(DEFAULTS)
+    OmegaConf.set_struct(config, True)
+    layers = []
+    if path is not None:
+        layers.append(OmegaConf.load(Path(path)))
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    for layer in layers:
+        try:
+            config = OmegaConf.merge(config, layer)
+        except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError subclasses
+            raise ValueError(f"invalid configuration: {err}".splitlines()[0]) from err
+    if config.objective not in ("dino", "simclr"):
+        raise ValueError(f"objective must be 'dino' or 'simclr', got {config.objective!r}")
+    return config
+
+
+def save_config(config: DictConfig, path) -> None:
+    from braindino.atomic import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(config, resolve=True))

@@ -1,0 +1,61 @@
+"""Which slices each process reads at each step: a pure function of (seed, step), so resuming needs no state.
+
+The global batch is one slice of a seeded permutation of the whole store (a new permutation every pass);
+process ``r`` of ``W`` takes the ``r``-th contiguous part of it. The same step therefore covers the same images at
+any world size, and a run resumed on a different number of processes continues with the same data order.
+"""
+
+import numpy as np
+import torch
+
+from braindino.store import SliceStore
+
+
+def global_batch_indices(step: int, global_batch_size: int, n_slices: int, seed: int) -> np.ndarray:
+    """``[global_batch_size]`` int64 slice indices for ``step``; passes over the data wrap into a new permutation."""
+    start = step * global_batch_size
+    positions = np.arange(start, start + global_batch_size)
+    passes, offsets = np.divmod(positions, n_slices)
+    indices = np.empty(global_batch_size, dtype=np.int64)
+    for pass_index in np.unique(passes):
+        permutation = np.random.default_rng([seed, int(pass_index)]).permutation(n_slices)
+        chosen = passes == pass_index
+        indices[chosen] = permutation[offsets[chosen]]
+    return indices
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``step`` is this process's part of that step's global batch.
+
+    Item: ``[B_local, 1, H, W]`` float16 tensor, ``B_local = global_batch_size // world_size``.
+    Use with ``DataLoader(batch_size=None, sampler=range(start_step, iters))``; worker processes open the store
+    lazily, so nothing large is pickled.
+    """
+
+    def __init__(self, store: SliceStore, global_batch_size: int, rank: int, world_size: int, seed: int):
+        if global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {world_size} processes")
+        self.store = store
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.rank = rank
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        indices = global_batch_indices(step, self.global_batch_size, len(self.store), self.seed)
+        mine = indices[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
+        slices = np.stack([self.store[int(i)] for i in mine])
+        return torch.from_numpy(slices).unsqueeze(1)
+
+
+def step_loader(store: SliceStore, config, rank: int, world_size: int, start_step: int) -> torch.utils.data.DataLoader:
+    """An iterator of local batches for steps ``start_step .. iters-1`` (prefetched by worker processes)."""
+    dataset = StepBatches(store, int(config.optim.global_batch_size), rank, world_size, int(config.seed))
+    workers = int(config.train.num_workers)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_step, int(config.optim.iters)), num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,130 @@
+"""The DINOv2 objective on MRI slices: student and EMA teacher networks, and how their outputs become one loss.
+
+Shapes: ``G`` global crops and ``L`` local crops of a local batch of ``B`` slices arrive crop-major
+(``[G*B, 1, S, S]``, row ``c*B + b`` is crop ``c`` of slice ``b``); ``N`` patches per global crop; ``K`` prototypes.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from braindino.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering, sinkhorn_knopp
+from braindino.models import DINOHead
+
+
+class DINOStudent(nn.Module):
+    """Backbone + DINO head (+ iBOT head, shared with the DINO head unless configured separate)."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module | None):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+
+    def forward(self, global_crops, local_crops, masks=None) -> dict:
+        """global_crops ``[G*B,1,S,S]``, local_crops ``[L*B,1,s,s]``, masks ``[G*B,N]`` bool or None →
+        ``cls [G*B,D]``, ``dino_global [G*B,K]``, ``dino_local [L*B,K]`` or None, ``ibot [M,K]`` or None."""
+        features = self.backbone.forward_features(global_crops, masks)
+        out = {"cls": features["cls"], "dino_global": self.dino_head(features["cls"]),
+               "dino_local": None, "ibot": None}
+        if local_crops.shape[0] > 0:
+            out["dino_local"] = self.dino_head(self.backbone.forward_features(local_crops)["cls"])
+        if masks is not None and self.ibot_head is not None:
+            out["ibot"] = self.ibot_head(features["patch"][masks])
+        return out
+
+
+class DINOTeacher(nn.Module):
+    """The EMA copy of the student; sees only the unmasked global crops, never receives gradients."""
+
+    def __init__(self, student: DINOStudent):
+        super().__init__()
+        # one deepcopy call keeps a shared DINO/iBOT head shared in the teacher too
+        self.backbone, self.dino_head, self.ibot_head = copy.deepcopy(
+            (student.backbone, student.dino_head, student.ibot_head))
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, global_crops, masks=None) -> dict:
+        """→ ``dino [G*B,K]`` logits, ``ibot [M,K]`` logits of the patches the student saw masked (or None)."""
+        features = self.backbone.forward_features(global_crops)
+        out = {"dino": self.dino_head(features["cls"]), "ibot": None}
+        if masks is not None and self.ibot_head is not None:
+            out["ibot"] = self.ibot_head(features["patch"][masks])
+        return out
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """EMA: ``teacher ← momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
+class DINOObjective(nn.Module):
+    """Weighted sum ``w_dino * DINO + w_ibot * iBOT + w_koleo * KoLeo``; holds the teacher centres (resumable)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        dino, ibot = config.dino, config.ibot
+        self.dino_loss = DINOLoss(student_temp=dino.student_temp)
+        self.ibot_loss = IBOTPatchLoss(student_temp=dino.student_temp)
+        self.koleo_loss = KoLeoLoss()
+        self.dino_centering = TeacherCentering(dino.n_prototypes, momentum=dino.center_momentum)
+        ibot_dim = ibot.n_prototypes if ibot.separate_head else dino.n_prototypes
+        self.ibot_centering = TeacherCentering(ibot_dim, momentum=dino.center_momentum)
+
+    @property
+    def uses_ibot(self) -> bool:
+        return self.config.ibot.loss_weight > 0
+
+    def _teacher_probabilities(self, logits, centering: TeacherCentering, temp: float):
+        logits = logits.float()
+        if self.config.dino.teacher_target == "sinkhorn":
+            return sinkhorn_knopp(logits, temp)
+        probs = centering.probabilities(logits, temp)
+        centering.update(logits)
+        return probs
+
+    def forward(self, student_out: dict, teacher_out: dict, masks, teacher_temp: float, n_global: int):
+        """→ (total loss scalar, {term: float}, {"teacher_probs": [G*B,K], "student_logits": [G*B,K]})."""
+        weights = self.config
+        teacher_probs = self._teacher_probabilities(teacher_out["dino"], self.dino_centering, teacher_temp)
+        student_global = student_out["dino_global"].float()
+        batch = student_global.shape[0] // n_global
+        local = student_out["dino_local"]
+        student_local = None if local is None else local.float().unflatten(0, (-1, batch))
+        terms = {"dino": self.dino_loss(student_global.unflatten(0, (n_global, batch)), student_local,
+                                        teacher_probs.unflatten(0, (n_global, batch)))}
+        total = weights.dino.loss_weight * terms["dino"]
+        if self.uses_ibot and student_out["ibot"] is not None:
+            ibot_probs = self._teacher_probabilities(teacher_out["ibot"], self.ibot_centering, teacher_temp)
+            terms["ibot"] = self.ibot_loss(student_out["ibot"].float(), ibot_probs, masks)
+            total = total + weights.ibot.loss_weight * terms["ibot"]
+        if weights.koleo.loss_weight > 0:
+            chunks = student_out["cls"].chunk(n_global)
+            terms["koleo"] = sum(self.koleo_loss(chunk) for chunk in chunks) / n_global
+            total = total + weights.koleo.loss_weight * terms["koleo"]
+        return total, terms, {"teacher_probs": teacher_probs, "student_logits": student_global}
+
+
+def build_dino_networks(config, backbone: nn.Module) -> tuple[DINOStudent, DINOTeacher]:
+    """Student (backbone + heads) and its teacher copy, from the ``dino``/``ibot`` config sections."""
+    dino, ibot = config.dino, config.ibot
+
+    def head(n_prototypes):
+        return DINOHead(backbone.embed_dim, n_prototypes, hidden_dim=dino.head_hidden_dim,
+                        bottleneck_dim=dino.head_bottleneck_dim, n_layers=dino.head_n_layers)
+
+    dino_head = head(dino.n_prototypes)
+    if ibot.loss_weight <= 0:
+        ibot_head = None
+        backbone.mask_token.requires_grad_(False)
+    else:
+        ibot_head = head(ibot.n_prototypes) if ibot.separate_head else dino_head
+    student = DINOStudent(backbone, dino_head, ibot_head)
+    return student, DINOTeacher(student)

@@ -1,0 +1,1 @@
+"""Task heads that aggregate per-slice braindino embeddings into per-volume predictions."""

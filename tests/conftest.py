@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny slice store built through the real `braindino prepare` from real NIfTI files."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def head_like_volume(rng: np.random.Generator, shape=(40, 40, 20), lesion: bool = False) -> np.ndarray:
+    """``[X, Y, Z]`` float32: a smooth ellipsoidal 'head' with textured interior and an optional bright lesion."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radii = rng.uniform(0.75, 0.9, size=3)[:, None, None, None]
+    inside = ((grid / radii) ** 2).sum(0) < 1
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    volume = inside * (100 + 400 * (texture - texture.min()) / np.ptp(texture))
+    if lesion:
+        centre = rng.uniform(-0.3, 0.3, size=3)[:, None, None, None]
+        volume[(((grid - centre) / 0.25) ** 2).sum(0) < 1] = 900
+    return volume.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A slice store of 8 small volumes (size 32×32) with a `diagnosis` label and train/val split."""
+    from braindino.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_cohort")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        lesion = i % 2 == 1
+        path = root / f"sub-{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(head_like_volume(rng, lesion=lesion), np.eye(4)), path)
+        rows.append({"path": path.name, "subject": f"sub-{i:02d}", "split": "train" if i < 6 else "val",
+                     "diagnosis": "lesion" if lesion else "healthy"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    store = root / "store"
+    status = main(["prepare", "--manifest", str(root / "manifest.csv"), "--out", str(store), "--size", "32",
+                   "--workers", "1"])
+    assert status == 0
+    return store

@@ -1,0 +1,211 @@
+"""Slice store format and reader, on stores built from in-memory arrays with the low-level StoreBuilder."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from braindino.errors import InputError
+from braindino.store import SliceStore
+from braindino.store.format import FORMAT_VERSION, StoreBuilder, shard_file, volume_id, volume_key
+
+SIZE = 8
+PREPROCESSING = {"size": SIZE, "spacing_mm": 1.0}
+SLICE_BYTES = SIZE * SIZE * 2
+
+
+def make_volume(seed: int, n_slices: int):
+    """[K, 8, 8] float16 slices whose values identify the volume, and their z positions."""
+    rng = np.random.default_rng(seed)
+    slices = rng.random((n_slices, SIZE, SIZE)).astype(np.float16)
+    z = np.sort(rng.choice(100, size=n_slices, replace=False)).astype(np.int32)
+    return slices, z
+
+
+def build(root, volumes: dict, shard_slices: int = 1000):
+    """Write ``volumes`` {path: (slices, z, labels)} with shards of at most ``shard_slices`` slices."""
+    with StoreBuilder(root, PREPROCESSING, SIZE, SIZE, shard_bytes=shard_slices * SLICE_BYTES) as builder:
+        for path, (slices, z, labels) in volumes.items():
+            builder.add_volume({"path": path, "volume_index": None, "content_hash": f"hash-{path}", **labels},
+                               slices, z)
+
+
+@pytest.fixture
+def cohort():
+    """Five volumes of 3..7 slices with subject, sequence and age labels."""
+    volumes = {}
+    for index, n_slices in enumerate([3, 7, 4, 5, 6]):
+        slices, z = make_volume(index, n_slices)
+        volumes[f"/data/sub-{index // 2}/vol{index}.nii.gz"] = (
+            slices, z, {"subject": f"{index // 2:03d}", "sequence": "T1" if index % 2 else "FLAIR",
+                        "age": 50.5 + index})
+    return volumes
+
+
+def expected_slices(volumes):
+    return np.concatenate([slices for slices, _, _ in volumes.values()])
+
+
+def test_random_access_across_shard_boundaries(tmp_path, cohort):
+    build(tmp_path / "store", cohort, shard_slices=8)
+    store = SliceStore(tmp_path / "store")
+    expected = expected_slices(cohort)
+    meta = json.loads((tmp_path / "store" / "store.json").read_text())
+    assert len(meta["shards"]) >= 3                      # capacity 8 forces several shards
+    assert all(entry["n_slices"] <= 8 for entry in meta["shards"][:-1])
+    assert len(store) == len(expected) == 25
+    order = np.random.default_rng(0).permutation(len(store))
+    for i in order:
+        item = store[int(i)]
+        assert item.dtype == np.float16 and item.shape == (SIZE, SIZE)
+        np.testing.assert_array_equal(item, expected[i])
+    np.testing.assert_array_equal(store[-1], expected[-1])
+    with pytest.raises(IndexError):
+        store[len(store)]
+
+
+def test_volume_never_spans_shards(tmp_path, cohort):
+    build(tmp_path / "store", cohort, shard_slices=8)
+    store = SliceStore(tmp_path / "store")
+    meta = json.loads((tmp_path / "store" / "store.json").read_text())
+    for row in store.volumes.itertuples():
+        assert row.shard_start + row.n_slices <= meta["shards"][row.shard]["n_slices"]
+
+
+def test_index_tables(tmp_path, cohort):
+    build(tmp_path / "store", cohort)
+    store = SliceStore(tmp_path / "store")
+    paths = list(cohort)
+    assert store.volumes["path"].tolist() == paths
+    assert store.volumes["subject"].tolist() == ["000", "000", "001", "001", "002"]   # stays a string
+    assert store.volumes["age"].tolist() == [50.5, 51.5, 52.5, 53.5, 54.5]
+    assert store.volumes["volume_id"].tolist() == [volume_id(volume_key(p, None)) for p in paths]
+    assert store.volumes["volume_id"].is_unique
+    counts = [len(z) for _, z, _ in cohort.values()]
+    np.testing.assert_array_equal(store.slice_volume, np.repeat(np.arange(5), counts))
+    np.testing.assert_array_equal(store.slice_z, np.concatenate([z for _, z, _ in cohort.values()]))
+    assert isinstance(store.slice_volume, np.memmap)
+    for row, path in enumerate(paths):
+        slices, z, labels = cohort[path]
+        indices = store.volume_slices(row)
+        assert len(indices) == len(z)
+        np.testing.assert_array_equal(np.stack([store[i] for i in indices]), slices)
+        info = store.slice_info(indices[-1])
+        assert (info["path"], info["z"], info["volume_row"]) == (path, z[-1], row)
+        assert (info["subject"], info["sequence"], info["age"]) == (labels["subject"], labels["sequence"],
+                                                                    labels["age"])
+        assert info["volume_index"] is None
+
+
+def test_items_are_copies(tmp_path, cohort):
+    build(tmp_path / "store", cohort)
+    store = SliceStore(tmp_path / "store")
+    item = store[3]
+    item[:] = 7
+    np.testing.assert_array_equal(store[3], expected_slices(cohort)[3])
+
+
+def test_append_and_replace(tmp_path, cohort):
+    paths = list(cohort)
+    build(tmp_path / "store", dict(list(cohort.items())[:3]))
+    new_slices, new_z = make_volume(99, 2)
+    with StoreBuilder(tmp_path / "store", PREPROCESSING, SIZE, SIZE) as builder:
+        assert builder.stored_hash(volume_key(paths[1], None)) == f"hash-{paths[1]}"
+        assert builder.stored_hash(volume_key(paths[4], None)) is None
+        builder.add_volume({"path": paths[1], "content_hash": "new", "subject": "000"}, new_slices, new_z)
+        for path in paths[3:]:
+            slices, z, labels = cohort[path]
+            builder.add_volume({"path": path, "content_hash": "h", **labels}, slices, z)
+    store = SliceStore(tmp_path / "store")
+    assert store.volumes["path"].tolist() == [paths[0], paths[2], paths[1], paths[3], paths[4]]
+    assert len(store) == 3 + 4 + 2 + 5 + 6
+    replaced = store.volume_slices(2)
+    np.testing.assert_array_equal(np.stack([store[i] for i in replaced]), new_slices)
+    assert store.volumes["content_hash"].iat[2] == "new"
+    assert len(list((tmp_path / "store").glob("index-*"))) == 1   # older index generations removed
+
+
+def test_pickled_store_in_dataloader_workers(tmp_path, cohort):
+    build(tmp_path / "store", cohort, shard_slices=8)
+    store = SliceStore(tmp_path / "store")
+    _ = store[0], store.slice_volume                      # handles are open in this process now
+    state_size = len(pickle.dumps(store))
+    assert state_size < 20_000                           # metadata only: no slices, no memmaps
+    loader = torch.utils.data.DataLoader(store, batch_size=4, num_workers=2, shuffle=False)
+    batches = torch.cat(list(loader))
+    np.testing.assert_array_equal(batches.numpy(), expected_slices(cohort))
+
+
+def test_version_and_config_mismatch_refused(tmp_path, cohort):
+    build(tmp_path / "store", cohort)
+    with pytest.raises(InputError, match="different preprocessing.*size 8 \\(asked 16\\)"):
+        StoreBuilder(tmp_path / "store", {"size": 16, "spacing_mm": 1.0}, 16, 16)
+    meta_path = tmp_path / "store" / "store.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(InputError, match="format version 2 is not supported"):
+        SliceStore(tmp_path / "store")
+    with pytest.raises(InputError, match="format version"):
+        StoreBuilder(tmp_path / "store", PREPROCESSING, SIZE, SIZE)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(InputError, match="not a slice store"):
+        SliceStore(tmp_path)
+
+
+def test_second_writer_refused(tmp_path, cohort):
+    with StoreBuilder(tmp_path / "store", PREPROCESSING, SIZE, SIZE):
+        with pytest.raises(InputError, match="another braindino prepare is writing"):
+            StoreBuilder(tmp_path / "store", PREPROCESSING, SIZE, SIZE)
+
+
+def test_empty_store(tmp_path):
+    build(tmp_path / "store", {})
+    store = SliceStore(tmp_path / "store")
+    assert len(store) == 0 and len(store.volumes) == 0
+
+
+def test_damaged_shard_reported(tmp_path, cohort):
+    build(tmp_path / "store", cohort)
+    with open(tmp_path / "store" / shard_file(0), "r+b") as f:
+        f.truncate(SLICE_BYTES)
+    with pytest.raises(InputError, match="store.json promises"):
+        SliceStore(tmp_path / "store")[0]
+
+
+CRASHING_WRITER = """
+import os, sys
+import numpy as np
+from braindino.store.format import StoreBuilder
+builder = StoreBuilder(sys.argv[1], {"size": 8, "spacing_mm": 1.0}, 8, 8, shard_bytes=4 * 128)
+for seed in range(3):   # 4 slices each, one shard each: volumes 0 and 1 are committed when 1 and 2 are added
+    builder.add_volume({"path": f"/v{seed}", "content_hash": "h"}, np.full((4, 8, 8), seed, np.float16),
+                       np.arange(4))
+os._exit(1)             # dies like SIGKILL: no commit, no cleanup, volume 2 left in a .tmp shard
+"""
+
+
+def test_killed_writer_leaves_readable_store(tmp_path):
+    root = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(root)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert (root / "shards" / "shard-00002.f16.tmp").exists()
+    store = SliceStore(root)
+    assert store.volumes["path"].tolist() == ["/v0", "/v1"]
+    assert [float(store[i][0, 0]) for i in range(len(store))] == [0] * 4 + [1] * 4
+    (root / "index-000099.tmp").mkdir()                  # a half-written index folder is ignored too
+    assert len(SliceStore(root)) == 8
+    with StoreBuilder(root, {"size": 8, "spacing_mm": 1.0}, 8, 8) as builder:
+        builder.add_volume({"path": "/v2", "content_hash": "h"}, np.full((4, 8, 8), 2, np.float16), np.arange(4))
+    leftovers = [p.name for p in root.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    store = SliceStore(root)
+    assert [float(store[i][0, 0]) for i in range(len(store))] == [0] * 4 + [1] * 4 + [2] * 4
+    assert pd.read_csv(root / json.loads((root / "store.json").read_text())["index"] / "volumes.csv")[
+        "path"].tolist() == ["/v0", "/v1", "/v2"]

@@ -1,0 +1,185 @@
+"""Pretraining engine: real runs on a tiny store, in-process and as real `python`/`torchrun` processes."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from braindino.train import checkpoint as ckpt
+from braindino.train.config import load_config
+from braindino.train.dino import DINOObjective
+from braindino.train.metrics_log import read_metrics
+from braindino.train.trainer import NonFiniteLossError, build_networks, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.drop_path_rate=0.1",
+        "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
+        "dino.n_prototypes=64", "ibot.n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+        "simclr.hidden_dim=64", "simclr.projection_dim=32",
+        "optim.global_batch_size=8", "optim.warmup_iters=2", "dino.freeze_last_layer_iters=2",
+        "teacher.temp_warmup_iters=5", "train.num_workers=0", "train.progress=false", "train.log_every=1",
+        "train.monitor_every=5", "train.checkpoint_every=5"]
+CONFIG = ROOT / "configs" / "dino_vit_tiny_cpu.yaml"
+
+
+def tiny_config(*overrides, path=CONFIG):
+    return load_config(path, TINY + list(overrides))
+
+
+def cli(store, out, *overrides, resume=False, config=CONFIG):
+    args = [sys.executable, str(ROOT / "train_dino.py"), "--config", str(config), "--data", str(store),
+            "--out", str(out), *TINY, *overrides]
+    return args + (["--resume"] if resume else [])
+
+
+def final_state(run_dir):
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+
+
+def assert_states_identical(a, b):
+    for part in ("student", "teacher", "objective"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs"
+    for (pa, sa), (pb, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+        assert pa == pb
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), f"optimizer {pa}.{key}"
+
+
+def test_short_run_lowers_loss_without_collapse(tiny_store, tmp_path):
+    config = tiny_config("optim.iters=60", "optim.base_lr=0.01", "train.knn_label=diagnosis", "train.knn_every=30")
+    summary = train(config, tiny_store, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss/total"] for r in records if "loss/total" in r]
+    assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+    monitored = [r for r in records if "monitor/effective_rank" in r]
+    first, final = monitored[0], monitored[-1]
+    assert final["monitor/effective_rank"] > max(4.0, 2 * first["monitor/effective_rank"])   # collapse: rank ~1
+    assert final["monitor/feature_std"] > 5 * first["monitor/feature_std"]
+    assert final["monitor/student_teacher_kl"] < first["monitor/student_teacher_kl"] / 4
+    assert final["monitor/mean_probability_entropy"] > 0.9 * math.log(64)   # not all rows on one prototype
+    assert final["monitor/prototype_usage"] > 2 / 64
+    assert 0.0 <= final["monitor/knn_accuracy"] <= 1.0
+    for key in ("loss/dino", "loss/ibot", "loss/koleo", "lr", "teacher_momentum", "img_per_s_per_device",
+                "peak_memory_mb"):
+        assert key in records[-1]
+    assert summary["steps_run"] == 60 and (tmp_path / "run" / "config.yaml").exists()
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == config.train.keep_last
+
+
+def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
+    overrides = ["optim.iters=40", "train.checkpoint_every=10", "train.num_workers=1"]
+    reference = subprocess.run(cli(tiny_store, tmp_path / "reference", *overrides), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(cli(tiny_store, run_dir, *overrides), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(run_dir) is None and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["next_step"]
+    assert killed_at < 40
+
+    resumed = subprocess.run(cli(tiny_store, run_dir, *overrides, resume=True), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = final_state(tmp_path / "reference"), final_state(run_dir)
+    assert a["next_step"] == b["next_step"] == 40
+    assert_states_identical(a, b)
+
+
+def test_two_process_torchrun_then_resume_on_one_process(tiny_store, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = cli(tiny_store, run_dir, "optim.iters=6", "train.checkpoint_every=3")[1:]
+    result = subprocess.run(torchrun + args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    state = final_state(run_dir)
+    assert state["next_step"] == 6
+    # the replicas stayed in sync: the one checkpoint rank 0 wrote is what a 1-process resume continues from
+    resumed = subprocess.run(cli(tiny_store, run_dir, "optim.iters=9", "train.checkpoint_every=3", resume=True),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 process(es)" in resumed.stdout and final_state(run_dir)["next_step"] == 9
+
+
+def test_nan_step_is_skipped_and_state_untouched(tiny_store, tmp_path, monkeypatch):
+    original = DINOObjective.forward
+    calls = {"n": 0}
+
+    def nan_on_third_call(self, *args, **kwargs):
+        total, terms, extra = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] == 3 else total), terms, extra
+
+    monkeypatch.setattr(DINOObjective, "forward", nan_on_third_call)
+    train(tiny_config("optim.iters=6", "dino.teacher_target=centering"), tiny_store, tmp_path / "run")
+    records = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    assert records[2].get("skipped_nonfinite") == 1
+    assert "skipped_nonfinite" not in records[3] and math.isfinite(records[5]["loss/total"])
+    state = final_state(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in state["student"].values() if t.is_floating_point())
+    assert torch.isfinite(state["objective"]["dino_centering.center"]).all()
+
+
+def test_three_nan_steps_in_a_row_abort_without_nan_checkpoint(tiny_store, tmp_path, monkeypatch):
+    original = DINOObjective.forward
+
+    def nan_from_step_4(self, *args, **kwargs):
+        total, terms, extra = original(self, *args, **kwargs)
+        nan_from_step_4.calls += 1
+        return (total * float("inf") if nan_from_step_4.calls > 4 else total), terms, extra
+
+    nan_from_step_4.calls = 0
+    monkeypatch.setattr(DINOObjective, "forward", nan_from_step_4)
+    with pytest.raises(NonFiniteLossError, match="step 6") as err:
+        train(tiny_config("optim.iters=20", "train.checkpoint_every=1"), tiny_store, tmp_path / "run")
+    assert "3 steps in a row" in str(err.value)
+    assert final_state(tmp_path / "run")["next_step"] == 4
+
+
+def test_simclr_objective_trains(tiny_store, tmp_path):
+    config = tiny_config("optim.iters=8", path=ROOT / "configs" / "simclr_vit_tiny_cpu.yaml")
+    summary = train(config, tiny_store, tmp_path / "run")
+    assert summary["objective"] == "simclr" and math.isfinite(summary["last_losses"]["simclr"])
+    assert "teacher" not in final_state(tmp_path / "run")
+
+
+def test_existing_run_needs_resume(tiny_store, tmp_path):
+    train(tiny_config("optim.iters=5"), tiny_store, tmp_path / "run")
+    result = subprocess.run(cli(tiny_store, tmp_path / "run", "optim.iters=5"), capture_output=True, text=True)
+    assert result.returncode == 1 and "--resume" in result.stderr
+
+
+def test_init_from_timm_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, in_chans=3, num_classes=0)
+    save_file(source.state_dict(), tmp_path / "vit.safetensors")
+    config = tiny_config(f"model.init_from={tmp_path / 'vit.safetensors'}", "model.num_register_tokens=0")
+    student, teacher, _, _ = build_networks(config, torch.device("cpu"))
+    torch.testing.assert_close(student.backbone.vit.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+    torch.testing.assert_close(teacher.backbone.vit.patch_embed.proj.weight,
+                               source.patch_embed.proj.weight.sum(1, keepdim=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training needs a CUDA GPU")
+def test_bf16_training_on_gpu(tiny_store, tmp_path):
+    summary = train(tiny_config("optim.iters=5", "train.precision=bf16"), tiny_store, tmp_path / "run")
+    assert summary["precision"] == "bf16" and math.isfinite(summary["last_losses"]["total"])

@@ -1,0 +1,31 @@
+import numpy as np
+
+from braindino.train.data import global_batch_indices
+
+
+def test_one_pass_covers_every_slice_once():
+    n, batch = 40, 8
+    seen = np.concatenate([global_batch_indices(step, batch, n, seed=3) for step in range(n // batch)])
+    assert sorted(seen.tolist()) == list(range(n))
+
+
+def test_batches_wrap_into_a_new_permutation():
+    n, batch = 10, 4
+    step2 = global_batch_indices(2, batch, n, seed=0)   # positions 8..11: end of pass 0, start of pass 1
+    pass0 = np.random.default_rng([0, 0]).permutation(n)
+    pass1 = np.random.default_rng([0, 1]).permutation(n)
+    assert step2.tolist() == [pass0[8], pass0[9], pass1[0], pass1[1]]
+
+
+def test_order_depends_on_seed_and_step_only():
+    a = global_batch_indices(5, 16, 1000, seed=1)
+    assert np.array_equal(a, global_batch_indices(5, 16, 1000, seed=1))
+    assert not np.array_equal(a, global_batch_indices(5, 16, 1000, seed=2))
+    assert not np.array_equal(a, global_batch_indices(6, 16, 1000, seed=1))
+
+
+def test_process_shares_partition_the_global_batch():
+    """World size 4: the four contiguous parts are exactly the world-size-1 batch (global batch is world-invariant)."""
+    indices = global_batch_indices(7, 16, 100, seed=0)
+    parts = [indices[r * 4:(r + 1) * 4] for r in range(4)]
+    assert np.array_equal(np.concatenate(parts), indices)

@@ -1,0 +1,12 @@
+"""Pretrain a brain-MRI ViT by slice-wise self-distillation.
+
+    python train_dino.py --config configs/dino_vit_small.yaml --data STORE --out RUN [key=value ...]
+    torchrun --nproc_per_node=8 train_dino.py --config ... --data STORE --out RUN
+"""
+
+import sys
+
+from braindino.train.command import main
+
+if __name__ == "__main__":
+    sys.exit(main())
