@@ -18,7 +18,8 @@ import torch
 from braindino.cli import main as braindino
 from braindino.train.config import load_config
 from braindino.train.metrics_log import read_metrics
-from braindino.train.trainer import build_networks, train
+from braindino.train.step import build_networks
+from braindino.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

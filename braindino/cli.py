@@ -30,7 +30,15 @@ def build_parser(argv) -> argparse.ArgumentParser:
     return parser
 
 
+def tolerate_any_terminal_encoding() -> None:
+    """A terminal that cannot show a character (e.g. an ASCII locale) must not turn a message into a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None) -> int:
+    tolerate_any_terminal_encoding()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     return int(args.run(args))

@@ -58,7 +58,7 @@ def demo_summary(run_dir: Path, seconds: float) -> str:
     losses = [r["loss/total"] for r in records if "loss/total" in r]
     lines = [f"demo finished in {seconds:.0f}s; run: {run_dir}"]
     if losses:
-        lines.append(f"  loss (total): {losses[0]:.4f} at the first log → {losses[-1]:.4f} at the last")
+        lines.append(f"  loss (total): {losses[0]:.4f} at the first log -> {losses[-1]:.4f} at the last")
     if monitored:
         last = monitored[-1]
         for key in ("effective_rank", "feature_std", "teacher_entropy", "prototype_usage", "knn_accuracy"):

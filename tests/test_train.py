@@ -16,7 +16,8 @@ from braindino.train import checkpoint as ckpt
 from braindino.train.config import load_config
 from braindino.train.dino import DINOObjective
 from braindino.train.metrics_log import read_metrics
-from braindino.train.trainer import NonFiniteLossError, build_networks, train
+from braindino.train.step import build_networks
+from braindino.train.trainer import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.drop_path_rate=0.1",
@@ -78,7 +79,7 @@ def test_short_run_lowers_loss_without_collapse(tiny_store, tmp_path):
 
 def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
     overrides = ["optim.iters=40", "train.checkpoint_every=10", "train.num_workers=1"]
-    reference = subprocess.run(cli(tiny_store, tmp_path / "reference", *overrides), capture_output=True, text=True)
+    reference = subprocess.run(cli(tiny_store, tmp_path / "reference", *overrides), capture_output=True, encoding="utf-8", errors="replace")
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = tmp_path / "interrupted"
@@ -93,7 +94,7 @@ def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
     killed_at = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["next_step"]
     assert killed_at < 40
 
-    resumed = subprocess.run(cli(tiny_store, run_dir, *overrides, resume=True), capture_output=True, text=True)
+    resumed = subprocess.run(cli(tiny_store, run_dir, *overrides, resume=True), capture_output=True, encoding="utf-8", errors="replace")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = final_state(tmp_path / "reference"), final_state(run_dir)
     assert a["next_step"] == b["next_step"] == 40
@@ -105,14 +106,14 @@ def test_two_process_torchrun_then_resume_on_one_process(tiny_store, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = cli(tiny_store, run_dir, "optim.iters=6", "train.checkpoint_every=3")[1:]
-    result = subprocess.run(torchrun + args, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(torchrun + args, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     state = final_state(run_dir)
     assert state["next_step"] == 6
     # the replicas stayed in sync: the one checkpoint rank 0 wrote is what a 1-process resume continues from
     resumed = subprocess.run(cli(tiny_store, run_dir, "optim.iters=9", "train.checkpoint_every=3", resume=True),
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "1 process(es)" in resumed.stdout and final_state(run_dir)["next_step"] == 9
 
@@ -161,7 +162,7 @@ def test_simclr_objective_trains(tiny_store, tmp_path):
 
 def test_existing_run_needs_resume(tiny_store, tmp_path):
     train(tiny_config("optim.iters=5"), tiny_store, tmp_path / "run")
-    result = subprocess.run(cli(tiny_store, tmp_path / "run", "optim.iters=5"), capture_output=True, text=True)
+    result = subprocess.run(cli(tiny_store, tmp_path / "run", "optim.iters=5"), capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 1 and "--resume" in result.stderr
 
 

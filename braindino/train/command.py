@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         first, last = summary["first_losses"] or {}, summary["last_losses"] or {}
         print(f"pretrained {summary['objective']} for {summary['steps_run']} steps on {summary['world_size']} "
               f"process(es) [{summary['device']}, {summary['precision']}, attn={summary['attention']}] in "
-              f"{summary['seconds']:.1f}s: loss {first.get('total', float('nan')):.4f} → "
+              f"{summary['seconds']:.1f}s: loss {first.get('total', float('nan')):.4f} -> "
               f"{last.get('total', float('nan')):.4f}; run in {args.out}")
     return 0
 
@@ -50,6 +50,9 @@ def _is_rank_zero() -> bool:
 
 
 def main(argv=None) -> int:
+    from braindino.cli import tolerate_any_terminal_encoding
+
+    tolerate_any_terminal_encoding()
     parser = argparse.ArgumentParser(prog="train_dino.py", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

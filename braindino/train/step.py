@@ -1,0 +1,175 @@
+"""One optimisation step of self-supervised pretraining, and the networks and optimiser it updates.
+
+``TrainingStep(step, batch)``: apply the step's scheduled lr / weight decay → multi-crop + intensity augmentation
+on the device → iBOT block masks → student and teacher forward → weighted loss → skip on NaN/Inf (all processes
+agree) → backward, gradient clipping, last-layer freeze, AdamW → teacher EMA. Everything random in a step is
+seeded from (seed, step, rank), so a resumed run continues bit-identically.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from braindino.augment import IntensityAugmentConfig, MultiCropAugmentation, MultiCropConfig, sample_batch_masks
+from braindino.models import build_backbone, load_pretrained_backbone, parameter_groups, set_attention_backend
+from braindino.train.dino import DINOObjective, build_dino_networks, update_teacher
+from braindino.train.distributed import DistInfo, all_reduce_max
+from braindino.train.schedules import build_schedules
+from braindino.train.simclr import SimCLRObjective, build_simclr_network
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for everything random in one step of one process."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def multicrop_config(config) -> MultiCropConfig:
+    crops = config.crops
+    known = {f.name for f in fields(IntensityAugmentConfig)}
+    unknown = set(config.intensity) - known
+    if unknown:
+        raise ValueError(f"unknown intensity augmentation settings: {sorted(unknown)}")
+    intensity = IntensityAugmentConfig(**{k: (tuple(v) if OmegaConf.is_list(v) else v)
+                                          for k, v in config.intensity.items()})
+    return MultiCropConfig(
+        global_size=crops.global_size, local_size=crops.local_size, n_global=2,
+        n_local=0 if config.objective == "simclr" else crops.n_local,
+        global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
+        flip_p=crops.flip_p, max_rotation_deg=crops.max_rotation_deg, intensity=intensity)
+
+
+def build_networks(config, device: torch.device):
+    """→ (student, teacher or None, objective, attention backend actually used)."""
+    model = config.model
+    backbone = build_backbone(model.arch, patch_size=model.patch_size, img_size=config.crops.global_size,
+                              in_chans=1, num_register_tokens=model.num_register_tokens,
+                              drop_path_rate=model.drop_path_rate, layerscale_init=model.layerscale_init,
+                              depth=model.depth)
+    if model.init_from:
+        load_pretrained_backbone(backbone, model.init_from)
+    attn = set_attention_backend(backbone, model.attn)
+    if config.objective == "dino":
+        student, teacher = build_dino_networks(config, backbone)
+        objective = DINOObjective(config)
+    else:
+        student, teacher, objective = build_simclr_network(config, backbone), None, SimCLRObjective(config)
+    student.to(device).train()
+    objective.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    return student, teacher, objective, attn
+
+
+def wrap_for_distributed(student, teacher, config, dist_info: DistInfo, bf16: bool):
+    """DDP (default) or FSDP2 ``fully_shard`` on every transformer block and the whole network."""
+    if dist_info.world_size == 1:
+        return student
+    if config.train.distributed == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for network in (student, teacher) if teacher is not None else (student,):
+            for block in network.backbone.vit.blocks:
+                fully_shard(block, mp_policy=policy)
+            fully_shard(network, mp_policy=policy)
+        return student
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+
+
+@dataclass
+class Training:
+    """What a run updates: the (wrapped) student, its unwrapped module, teacher, objective state, optimiser."""
+    student: torch.nn.Module           # DDP / FSDP-wrapped when world_size > 1
+    student_module: torch.nn.Module    # the same network unwrapped (attribute access, EMA source)
+    teacher: torch.nn.Module | None    # None for SimCLR
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    attention: str                     # attention backend in use
+    bf16: bool
+
+
+def build_training(config, dist_info: DistInfo) -> Training:
+    device = dist_info.device
+    torch.manual_seed(config.seed)   # identical initial weights on every process
+    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    if bf16 and device.type != "cuda":
+        raise ValueError("precision=bf16 needs a CUDA device; use train.precision=fp32 on CPU")
+    student, teacher, objective, attention = build_networks(config, device)
+    wrapped = wrap_for_distributed(student, teacher, config, dist_info, bf16)
+    groups = parameter_groups(student, weight_decay=1.0, layer_decay=config.optim.layer_decay,
+                              patch_embed_lr_multiplier=config.optim.patch_embed_lr_multiplier)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(config.optim.betas))
+    return Training(wrapped, student, teacher, objective, optimizer, attention, bf16)
+
+
+@dataclass
+class StepResult:
+    losses: dict            # term name → float, plus "total"
+    scheduled: dict         # lr, weight_decay, teacher_momentum, teacher_temp used
+    grad_norm: float
+    applied: bool           # False: NaN/Inf loss or gradient, the step was skipped and all state left as it was
+    student_out: dict       # network outputs (for the collapse monitors)
+    extra: dict             # objective's teacher probabilities / student logits (for the monitors)
+
+
+class TrainingStep:
+    """Callable ``(step, batch [B_local, 1, H, W]) → StepResult`` over a ``Training``."""
+
+    def __init__(self, config, training: Training, dist_info: DistInfo):
+        self.config = config
+        self.training = training
+        self.device = dist_info.device
+        self.rank = dist_info.rank
+        self.schedules = build_schedules(config)
+        self.augment = MultiCropAugmentation(multicrop_config(config))
+        self.grid = (config.crops.global_size // config.model.patch_size,) * 2
+        self.uses_masks = config.objective == "dino" and config.ibot.loss_weight > 0
+        self.last_layer = (training.student_module.dino_head.last_layer_parameters()
+                           if training.teacher is not None else [])
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if training.bf16 else contextlib.nullcontext()
+
+    def __call__(self, step: int, batch: torch.Tensor) -> StepResult:
+        config, t = self.config, self.training
+        scheduled = self.schedules.at(step)
+        for group in t.optimizer.param_groups:
+            group["lr"] = scheduled["lr"] * group["lr_multiplier"]
+            group["weight_decay"] = scheduled["weight_decay"] * group["wd_multiplier"]
+        seed = step_seed(config.seed, step, self.rank)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        crops = self.augment(batch.to(self.device, non_blocking=True).float(), generator)
+        masks = (sample_batch_masks(crops["global"].shape[0], self.grid, tuple(config.ibot.mask_ratio_range),
+                                    config.ibot.mask_sample_probability, np.random.default_rng(seed))
+                 .to(self.device) if self.uses_masks else None)
+        torch.manual_seed(seed)   # drop path
+        objective_state = {k: v.clone() for k, v in t.objective.state_dict().items()}
+
+        with self.autocast:
+            student_out = t.student(crops["global"], crops["local"], masks)
+            teacher_out = t.teacher(crops["global"], masks) if t.teacher is not None else None
+            total, terms, extra = t.objective(student_out, teacher_out, masks, scheduled["teacher_temp"], 2)
+        losses = {name: float(value.detach()) for name, value in terms.items()}
+        losses["total"] = float(total.detach())
+        applied = all_reduce_max(0.0 if math.isfinite(losses["total"]) else 1.0, self.device) == 0.0
+        grad_norm = float("nan")
+        if applied:
+            t.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), config.optim.clip_grad)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            applied = math.isfinite(grad_norm)
+        if not applied:
+            t.objective.load_state_dict(objective_state)
+            t.optimizer.zero_grad(set_to_none=True)
+            return StepResult(losses, scheduled, grad_norm, False, student_out, extra)
+        if step < config.dino.freeze_last_layer_iters:
+            for parameter in self.last_layer:
+                parameter.grad = None
+        t.optimizer.step()
+        if t.teacher is not None:
+            update_teacher(t.student_module, t.teacher, scheduled["teacher_momentum"])
+        return StepResult(losses, scheduled, grad_norm, True, student_out, extra)
