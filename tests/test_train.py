@@ -101,21 +101,28 @@ def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
     assert_states_identical(a, b)
 
 
-def test_two_process_torchrun_then_resume_on_one_process(tiny_store, tmp_path):
-    run_dir = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = cli(tiny_store, run_dir, "optim.iters=6", "train.checkpoint_every=3")[1:]
-    result = subprocess.run(torchrun + args, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
+def torchrun(store, run_dir, *overrides):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(command + cli(store, run_dir, *overrides)[1:], capture_output=True, encoding="utf-8",
+                            errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    state = final_state(run_dir)
-    assert state["next_step"] == 6
-    # the replicas stayed in sync: the one checkpoint rank 0 wrote is what a 1-process resume continues from
-    resumed = subprocess.run(cli(tiny_store, run_dir, "optim.iters=9", "train.checkpoint_every=3", resume=True),
-                             capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    return final_state(run_dir)
+
+
+def test_two_process_torchrun_ddp_and_fsdp_agree_then_resume_on_one_process(tiny_store, tmp_path):
+    ddp = torchrun(tiny_store, tmp_path / "ddp", "optim.iters=6", "train.checkpoint_every=3")
+    fsdp = torchrun(tiny_store, tmp_path / "fsdp", "optim.iters=6", "train.checkpoint_every=3",
+                    "train.distributed=fsdp")
+    assert ddp["next_step"] == fsdp["next_step"] == 6
+    for part in ("student", "teacher"):
+        for name, tensor in ddp[part].items():
+            torch.testing.assert_close(fsdp[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+    # the full checkpoint rank 0 wrote is what a 1-process run continues from (another world size)
+    resumed = subprocess.run(cli(tiny_store, tmp_path / "fsdp", "optim.iters=9", "train.checkpoint_every=3",
+                                 resume=True), capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 process(es)" in resumed.stdout and final_state(run_dir)["next_step"] == 9
+    assert "1 process(es)" in resumed.stdout and final_state(tmp_path / "fsdp")["next_step"] == 9
 
 
 def test_nan_step_is_skipped_and_state_untouched(tiny_store, tmp_path, monkeypatch):

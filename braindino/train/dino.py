@@ -58,7 +58,14 @@ class DINOTeacher(nn.Module):
 
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """EMA: ``teacher ← momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
+    """EMA: ``teacher ← momentum * teacher + (1 - momentum) * student``, parameter by parameter.
+
+    Under FSDP2 both networks are sharded alike and the update runs shard by shard; the root module keeps its
+    parameters gathered after forward, so both are resharded first.
+    """
+    for network in (student, teacher):
+        if hasattr(network, "reshard"):
+            network.reshard()
     teacher_params = list(teacher.parameters())
     student_params = list(student.parameters())
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
