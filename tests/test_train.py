@@ -191,3 +191,9 @@ def test_init_from_timm_weights(tmp_path):
 def test_bf16_training_on_gpu(tiny_store, tmp_path):
     summary = train(tiny_config("optim.iters=5", "train.precision=bf16"), tiny_store, tmp_path / "run")
     assert summary["precision"] == "bf16" and math.isfinite(summary["last_losses"]["total"])
+
+
+def test_wandb_logging_path_runs(tiny_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = train(tiny_config("optim.iters=3", "train.wandb=true"), tiny_store, tmp_path / "run")
+    assert summary["steps_run"] == 3 and len(read_metrics(tmp_path / "run")) == 3
