@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return status
     print(f"[3/3] pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}")
     train_args = ["train", "--config", args.config, "--data", str(store), "--out", str(run_dir),
-                  f"optim.iters={args.iters}", f"seed={args.seed}", "train.knn_label=diagnosis",
+                  f"optim.iters={args.iters}", f"seed={args.seed}", "train.knn_label=sequence",
                   f"train.knn_every={max(args.iters // 3, 1)}"]
     if (run_dir / "checkpoints").exists():
         train_args.append("--resume")
