@@ -55,8 +55,9 @@ def main() -> None:
         store = args.store
         if store is None:
             store = f"{tmp}/store"
-            braindino(["synth", "--out", f"{tmp}/cohort", "--subjects", "4", "--sequences", "T1w,FLAIR"])
-            braindino(["prepare", "--manifest", f"{tmp}/cohort/manifest.csv", "--out", store])
+            if braindino(["synth", "--out", f"{tmp}/cohort", "--subjects", "4", "--sequences", "T1w", "FLAIR"]) or \
+                    braindino(["prepare", "--manifest", f"{tmp}/cohort/manifest.csv", "--out", store]):
+                raise SystemExit("could not build the benchmark's slice store")
         config = load_config(args.config, [f"optim.iters={2 * args.steps}", f"train.log_every={args.steps}",
                                            "train.monitor_every=1000000", "train.checkpoint_every=1000000",
                                            "train.progress=false"])

@@ -10,8 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML file from configs/, e.g. configs/dino_vit_small.yaml")
     parser.add_argument("--data", required=True, help="slice store made by `braindino prepare`")
     parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, checkpoints/")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint, at any number of processes "
+                             "(starts fresh when --out has none)")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="continue from this checkpoint file instead (e.g. RUN/checkpoints/step-00002500.pt)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.iters=2000 model.arch=vit_base")
     parser.epilog = ("Multi-GPU / multi-node: torchrun --nproc_per_node=8 [--nnodes=N --rdzv-endpoint=HOST:PORT] "
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
     try:
-        summary = train(config, args.data, args.out, resume=args.resume)
+        resume = args.resume_from or ("latest" if args.resume else None)
+        summary = train(config, args.data, args.out, resume=resume)
     except (NonFiniteLossError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
