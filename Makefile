@@ -2,12 +2,13 @@
 # Both create .venv on first use; it is brought up to date whenever setup.cfg changes.
 PYTHON ?= python3
 VENV   ?= .venv
-STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib; print(hashlib.sha1(open('setup.cfg','rb').read() + open('pyproject.toml','rb').read()).hexdigest()[:12])")
 
 .PHONY: install demo test bench
 
 $(STAMP):
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "braindino needs Python >= 3.10; run make PYTHON=python3.11 ...")'
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): on Debian/Ubuntu install python3-venv"; exit 1; }
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install -e ".[test]"
 	touch $@

@@ -9,7 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 
 @contextlib.contextmanager
@@ -22,11 +21,22 @@ def atomic_path(final_path):
     os.chmod(tmp, 0o666 & ~_current_umask())   # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as written:   # durable before it becomes visible: a crash never leaves a torn file
+            os.fsync(written.fileno())
         os.replace(tmp, final_path)
+        _fsync_directory(final_path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _current_umask() -> int:
@@ -42,9 +52,3 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_save_npy(path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)

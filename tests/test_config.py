@@ -38,3 +38,21 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(CONFIGS[0], ["seed=11"])
     save_config(config, tmp_path / "config.yaml")
     assert OmegaConf.load(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.iters=abc", "optim.iters must be of type int"),
+    ("optim.global_batch_size=2.5", "optim.global_batch_size must be of type int"),
+    ("train.distributed=fsdpp", "train.distributed must be one of"),
+    ("dino.teacher_target=sinkorn", "dino.teacher_target must be one of"),
+    ("train.precision=fp16", "train.precision must be one of"),
+    ("model.arch=vit_huge", "model.arch must be one of"),
+    ("optim.iters", "key=value"),
+])
+def test_wrong_values_are_rejected(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIGS[0], [override])
+
+
+def test_ints_are_accepted_for_floats():
+    assert load_config(CONFIGS[0], ["optim.base_lr=1"]).optim.base_lr == 1

@@ -113,7 +113,9 @@ def torchrun(store, run_dir, *overrides):
 def test_two_process_torchrun_ddp_and_fsdp_agree_then_resume_on_one_process(tiny_store, tmp_path):
     ddp = torchrun(tiny_store, tmp_path / "ddp", "optim.iters=6", "train.checkpoint_every=3")
     fsdp = torchrun(tiny_store, tmp_path / "fsdp", "optim.iters=6", "train.checkpoint_every=3",
-                    "train.distributed=fsdp")
+                    "train.distributed=fsdp", "train.knn_label=diagnosis", "train.knn_every=3")
+    knn = [r["monitor/knn_accuracy"] for r in read_metrics(tmp_path / "fsdp") if "monitor/knn_accuracy" in r]
+    assert len(knn) == 2 and all(0.0 <= value <= 1.0 for value in knn)   # kNN runs through sharded networks
     assert ddp["next_step"] == fsdp["next_step"] == 6
     for part in ("student", "teacher"):
         for name, tensor in ddp[part].items():
@@ -157,7 +159,12 @@ def test_three_nan_steps_in_a_row_abort_without_nan_checkpoint(tiny_store, tmp_p
     with pytest.raises(NonFiniteLossError, match="step 6") as err:
         train(tiny_config("optim.iters=20", "train.checkpoint_every=1"), tiny_store, tmp_path / "run")
     assert "3 steps in a row" in str(err.value)
-    assert final_state(tmp_path / "run")["next_step"] == 4
+    # steps 4 and 5 were skipped: their checkpoints hold exactly the weights of step 4's; step 6 aborted unsaved
+    directory = ckpt.checkpoint_dir(tmp_path / "run")
+    before, after = (ckpt.load_checkpoint(directory / f"step-{n:08d}.pt") for n in (4, 6))
+    assert final_state(tmp_path / "run")["next_step"] == 6
+    for name, tensor in before["student"].items():
+        assert torch.equal(tensor, after["student"][name]) and torch.isfinite(tensor).all()
 
 
 def test_simclr_objective_trains(tiny_store, tmp_path):
@@ -197,3 +204,61 @@ def test_wandb_logging_path_runs(tiny_store, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     summary = train(tiny_config("optim.iters=3", "train.wandb=true"), tiny_store, tmp_path / "run")
     assert summary["steps_run"] == 3 and len(read_metrics(tmp_path / "run")) == 3
+    run_id = (tmp_path / "run" / "wandb_id").read_text()
+    train(tiny_config("optim.iters=5", "train.wandb=true"), tiny_store, tmp_path / "run", resume="latest")
+    assert (tmp_path / "run" / "wandb_id").read_text() == run_id       # a resume continues the same wandb run
+
+
+def test_skipped_last_step_still_writes_the_final_checkpoint(tiny_store, tmp_path, monkeypatch):
+    original = DINOObjective.forward
+
+    def nan_on_last_call(self, *args, **kwargs):
+        total, terms, extra = original(self, *args, **kwargs)
+        nan_on_last_call.calls += 1
+        return (total * float("nan") if nan_on_last_call.calls == 4 else total), terms, extra
+
+    nan_on_last_call.calls = 0
+    monkeypatch.setattr(DINOObjective, "forward", nan_on_last_call)
+    train(tiny_config("optim.iters=4", "train.checkpoint_every=100"), tiny_store, tmp_path / "run")
+    assert final_state(tmp_path / "run")["next_step"] == 4
+
+
+def test_resume_from_an_older_checkpoint_is_refused(tiny_store, tmp_path):
+    train(tiny_config("optim.iters=10", "train.checkpoint_every=5"), tiny_store, tmp_path / "run")
+    older = ckpt.checkpoint_dir(tmp_path / "run") / "step-00000005.pt"
+    with pytest.raises(FileExistsError, match="step-00000010.pt"):
+        train(tiny_config("optim.iters=10"), tiny_store, tmp_path / "run", resume=older)
+
+
+def test_a_fresh_run_does_not_append_to_old_metrics(tiny_store, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss/total": 99.0}\n{"step": 50}\n')
+    train(tiny_config("optim.iters=2"), tiny_store, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1] and records[0]["loss/total"] != 99.0
+
+
+@pytest.mark.parametrize("arguments,status,message", [
+    (["--data", "/nonexistent/store"], 1, "/nonexistent/store"),
+    (["train.precision=bf16"], 1, "CUDA"),
+    (["model.attn=xformers"], 1, "xformers"),
+    (["optim.itres=3"], 2, "itres"),
+    (["optim.iters=many"], 2, "optim.iters"),
+])
+def test_train_command_errors_are_one_line(tiny_store, tmp_path, capsys, arguments, status, message):
+    from braindino.train.command import main
+
+    if "--data" not in arguments:
+        arguments = ["--data", str(tiny_store), *arguments]
+    code = main(["--config", str(CONFIG), "--out", str(tmp_path / "run"), *arguments, *TINY])
+    error = capsys.readouterr().err.strip()
+    assert code == status and message in error and error.startswith("error:") and "\n" not in error
+
+
+def test_malformed_yaml_is_one_line_error(tmp_path, capsys):
+    from braindino.train.command import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {arch: vit_tiny\n  depth: [\n")
+    assert main(["--config", str(bad), "--data", "x", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}")

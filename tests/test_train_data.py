@@ -29,3 +29,28 @@ def test_process_shares_partition_the_global_batch():
     indices = global_batch_indices(7, 16, 100, seed=0)
     parts = [indices[r * 4:(r + 1) * 4] for r in range(4)]
     assert np.array_equal(np.concatenate(parts), indices)
+
+
+def test_online_knn_splits_subjects_when_the_manifest_has_no_split(tmp_path):
+    import nibabel as nib
+    import pandas as pd
+    import torch
+    from conftest import head_like_volume
+
+    from braindino.cli import main
+    from braindino.store import SliceStore
+    from braindino.train.online_knn import OnlineKNN
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):
+        nib.save(nib.Nifti1Image(head_like_volume(rng, lesion=i % 2 == 1), np.eye(4)), tmp_path / f"s{i}.nii.gz")
+        rows.append({"path": f"s{i}.nii.gz", "subject": f"s{i}", "diagnosis": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    assert main(["prepare", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "store"),
+                 "--size", "32", "--workers", "1"]) == 0
+    knn = OnlineKNN(SliceStore(tmp_path / "store"), "diagnosis", slices_per_volume=4, seed=0)
+    assert knn.is_train.sum() == 3 and (~knn.is_train).sum() == 3
+    mean_intensity = knn.accuracy(lambda images: images.mean(dim=(1, 2, 3)).unsqueeze(1).repeat(1, 2),
+                                  torch.device("cpu"), image_size=32)
+    assert 0.0 <= mean_intensity <= 1.0

@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from braindino.errors import InputError
     from braindino.train.distributed import shutdown
-    from braindino.train.trainer import NonFiniteLossError, train
+    from braindino.train.trainer import train
 
     try:
         config = load_config(args.config, args.overrides)
@@ -33,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         resume = args.resume_from or ("latest" if args.resume else None)
         summary = train(config, args.data, args.out, resume=resume)
-    except (NonFiniteLossError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, OSError, ValueError, RuntimeError) as err:   # NonFiniteLossError is a RuntimeError
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 1
     finally:
         shutdown()

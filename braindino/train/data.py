@@ -5,10 +5,18 @@ process ``r`` of ``W`` takes the ``r``-th contiguous part of it. The same step t
 any world size, and a run resumed on a different number of processes continues with the same data order.
 """
 
+import functools
+
 import numpy as np
 import torch
 
 from braindino.store import SliceStore
+
+
+@functools.lru_cache(maxsize=2)
+def pass_permutation(seed: int, pass_index: int, n_slices: int) -> np.ndarray:
+    """``[n_slices]`` the order of pass ``pass_index`` over the store (cached: computed once per pass per process)."""
+    return np.random.default_rng([seed, pass_index]).permutation(n_slices)
 
 
 def global_batch_indices(step: int, global_batch_size: int, n_slices: int, seed: int) -> np.ndarray:
@@ -18,7 +26,7 @@ def global_batch_indices(step: int, global_batch_size: int, n_slices: int, seed:
     passes, offsets = np.divmod(positions, n_slices)
     indices = np.empty(global_batch_size, dtype=np.int64)
     for pass_index in np.unique(passes):
-        permutation = np.random.default_rng([seed, int(pass_index)]).permutation(n_slices)
+        permutation = pass_permutation(seed, int(pass_index), n_slices)
         chosen = passes == pass_index
         indices[chosen] = permutation[offsets[chosen]]
     return indices

@@ -47,9 +47,12 @@ class DINOTeacher(nn.Module):
             parameter.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, global_crops, masks=None) -> dict:
-        """→ ``dino [G*B,K]`` logits, ``ibot [M,K]`` logits of the patches the student saw masked (or None)."""
+    def forward(self, global_crops, masks=None, cls_only: bool = False):
+        """→ ``dino [G*B,K]`` logits, ``ibot [M,K]`` logits of the patches the student saw masked (or None);
+        with ``cls_only`` just the backbone's CLS embedding ``[G*B, D]`` (the encoder a probe would use)."""
         features = self.backbone.forward_features(global_crops)
+        if cls_only:
+            return features["cls"]
         out = {"dino": self.dino_head(features["cls"]), "ibot": None}
         if masks is not None and self.ibot_head is not None:
             out["ibot"] = self.ibot_head(features["patch"][masks])

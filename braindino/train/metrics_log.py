@@ -1,9 +1,12 @@
 """Where training metrics go: ``RUN/metrics.jsonl`` always (one JSON object per line), wandb when enabled."""
 
 import json
+import secrets
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from braindino.atomic import atomic_write_text
 
 
 class MetricsLog:
@@ -18,9 +21,12 @@ class MetricsLog:
         if config.train.wandb:
             import wandb
 
+            id_file = Path(run_dir) / "wandb_id"   # one wandb run across every resume of this run directory
+            if not id_file.exists():
+                atomic_write_text(id_file, secrets.token_hex(8))
             self.wandb_run = wandb.init(project=config.train.wandb_project, dir=str(run_dir),
                                         config=OmegaConf.to_container(config, resolve=True),
-                                        name=Path(run_dir).name, resume="allow")
+                                        name=Path(run_dir).name, id=id_file.read_text().strip(), resume="allow")
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

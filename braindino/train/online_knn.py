@@ -18,8 +18,9 @@ class OnlineKNN:
         if label not in volumes.columns:
             raise ValueError(f"knn_label {label!r} is not a column of the store's manifest labels")
         labelled = volumes[volumes[label].notna()].copy()
-        if "split" in labelled.columns and labelled["split"].notna().any():
-            is_train = (labelled["split"] == "train").to_numpy()
+        split = labelled["split"] if "split" in labelled.columns else pd.Series("", index=labelled.index)
+        if (split == "train").any() and (split != "train").any():
+            is_train = (split == "train").to_numpy()
         else:
             subjects = labelled["subject"].unique()
             train_subjects = set(np.random.default_rng(seed).permutation(subjects)[: len(subjects) // 2])
@@ -34,17 +35,15 @@ class OnlineKNN:
             self.slice_indices.append([slices[i] for i in np.unique(picks)])
 
     @torch.no_grad()
-    def accuracy(self, backbone: torch.nn.Module, device: torch.device, image_size: int) -> float:
-        """Embed every volume with ``backbone`` (eval mode) and return the val kNN accuracy."""
-        was_training = backbone.training
-        backbone.eval()
+    def accuracy(self, embed, device: torch.device, image_size: int) -> float:
+        """Embed every volume with ``embed`` (``[B, 1, S, S] → [B, D]``, called under no_grad) and return the
+        accuracy of kNN votes from the training volumes on the other volumes."""
         embeddings = []
         for indices in self.slice_indices:
             images = torch.from_numpy(np.stack([self.store[i] for i in indices])).unsqueeze(1).to(device).float()
             images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                                      antialias=True, align_corners=False)
-            embeddings.append(backbone(images).float().mean(0))
-        backbone.train(was_training)
+            embeddings.append(embed(images).float().mean(0))
         features = torch.stack(embeddings).cpu()
         labels = torch.as_tensor(self.labels)
         train = torch.as_tensor(self.is_train)

@@ -51,6 +51,7 @@ def build_networks(config, device: torch.device):
                               depth=model.depth)
     if model.init_from:
         load_pretrained_backbone(backbone, model.init_from)
+    backbone.set_grad_checkpointing(model.grad_checkpointing)
     attn = set_attention_backend(backbone, model.attn)
     if config.objective == "dino":
         student, teacher = build_dino_networks(config, backbone)
