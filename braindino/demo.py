@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="folder for the cohort, the slice store and the run")
     parser.add_argument("--subjects", type=int, default=16, help="synthetic subjects (4 sequences each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=float, default=1.0, help="voxel size of the synthetic volumes in mm")
     parser.add_argument("--iters", type=int, default=300, help="pretraining steps")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for synth and prepare")
     parser.add_argument("--config", default=str(CONFIG), help="pretraining config (default: ViT-Tiny on CPU)")
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"[1/3] synthesising {args.subjects} subjects into {cohort}")
     status = braindino(["synth", "--out", str(cohort), "--subjects", str(args.subjects), "--seed", str(args.seed),
-                        "--workers", str(args.workers)])
+                        "--resolution", str(args.resolution), "--workers", str(args.workers)])
     if status:
         return status
     print(f"[2/3] preparing the slice store {store}")
@@ -60,8 +61,14 @@ def demo_summary(run_dir: Path, seconds: float) -> str:
     if losses:
         lines.append(f"  loss (total): {losses[0]:.4f} at the first log -> {losses[-1]:.4f} at the last")
     if monitored:
-        last = monitored[-1]
-        for key in ("effective_rank", "feature_std", "teacher_entropy", "prototype_usage", "knn_accuracy"):
+        first, last = monitored[0], monitored[-1]
+        for key in ("effective_rank", "feature_std", "student_teacher_kl", "teacher_entropy", "prototype_usage"):
             if f"monitor/{key}" in last:
-                lines.append(f"  {key}: {last[f'monitor/{key}']:.4f}")
+                lines.append(f"  {key}: {first[f'monitor/{key}']:.4f} at step {first['step'] + 1} -> "
+                             f"{last[f'monitor/{key}']:.4f} at step {last['step'] + 1}")
+    knn = [r for r in records if "monitor/knn_accuracy" in r]
+    initial = [r["monitor/knn_accuracy_init"] for r in records if "monitor/knn_accuracy_init" in r]
+    if knn and initial:
+        lines.append(f"  kNN accuracy of the MRI sequence on held-out volumes: {initial[0]:.3f} with random weights "
+                     f"-> {knn[-1]['monitor/knn_accuracy']:.3f} after pretraining")
     return "\n".join(lines)

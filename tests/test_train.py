@@ -69,7 +69,7 @@ def test_short_run_lowers_loss_without_collapse(tiny_store, tmp_path):
     assert final["monitor/student_teacher_kl"] < first["monitor/student_teacher_kl"] / 4
     assert final["monitor/mean_probability_entropy"] > 0.9 * math.log(64)   # not all rows on one prototype
     assert final["monitor/prototype_usage"] > 2 / 64
-    assert 0.0 <= final["monitor/knn_accuracy"] <= 1.0
+    assert 0.0 <= final["monitor/knn_accuracy"] <= 1.0 and 0.0 <= records[0]["monitor/knn_accuracy_init"] <= 1.0
     for key in ("loss/dino", "loss/ibot", "loss/koleo", "lr", "teacher_momentum", "img_per_s_per_device",
                 "peak_memory_mb"):
         assert key in records[-1]
@@ -262,3 +262,13 @@ def test_malformed_yaml_is_one_line_error(tmp_path, capsys):
     bad.write_text("model: {arch: vit_tiny\n  depth: [\n")
     assert main(["--config", str(bad), "--data", "x", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {bad}")
+
+
+def test_resume_while_the_last_layer_is_still_frozen(tiny_store, tmp_path):
+    """AdamW has no state for the frozen last layer yet: resuming must still work and then train it."""
+    frozen = ["dino.freeze_last_layer_iters=5"]
+    train(tiny_config("optim.iters=3", *frozen), tiny_store, tmp_path / "run")
+    before = final_state(tmp_path / "run")["student"]["dino_head.last_layer.parametrizations.weight.original1"]
+    train(tiny_config("optim.iters=8", *frozen), tiny_store, tmp_path / "run", resume="latest")
+    after = final_state(tmp_path / "run")["student"]["dino_head.last_layer.parametrizations.weight.original1"]
+    assert not torch.equal(before, after)

@@ -99,7 +99,9 @@ def restore_training_state(state: dict, student, teacher, optimizer, objective) 
     """Load ``state`` into the (possibly wrapped or sharded) modules; returns the next step to run."""
     load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(student, state["student"], options=load_options)
-    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=load_options)
+    # parameters that never had a gradient yet (the DINO head's last layer while frozen) have no AdamW state
+    optimizer_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=optimizer_options)
     if teacher is not None:
         set_model_state_dict(teacher, state["teacher"], options=load_options)
     objective.load_state_dict(state["objective"])

@@ -114,6 +114,9 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     progress = tqdm(total=iters, initial=start_step, disable=not (dist_info.is_main and config.train.progress),
                     desc="pretrain", unit="step", dynamic_ncols=True)
     first_losses, last_losses, skipped_in_a_row, last_monitors, steps_timed = None, None, 0, {}, 0
+    if knn is not None and start_step == 0:   # the baseline every later kNN value is read against
+        log.log(0, {"monitor/knn_accuracy_init": knn.accuracy(knn_embedder(training, training.bf16), device,
+                                                               config.crops.global_size)})
     started = step_clock = time.perf_counter()
     for step, batch in zip(range(start_step, iters), step_loader(store, config, dist_info.rank,
                                                                   dist_info.world_size, start_step)):
