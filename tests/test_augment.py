@@ -93,7 +93,8 @@ def test_flip_only_is_torch_flip():
                           max_rotation_deg=0.0, n_local=0)
     images = phantom(2, 40)
     views = MultiCropAugmentation(config)(images, generator(2))
-    torch.testing.assert_close(views["global"], torch.flip(images, dims=(-1,)).repeat(2, 1, 1, 1), atol=1e-5, rtol=0)
+    # rows run along the R axis in the store layout, so a left-right flip reverses the rows
+    torch.testing.assert_close(views["global"], torch.flip(images, dims=(-2,)).repeat(2, 1, 1, 1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("angle, quarter_turns", [(90.0, 1), (-90.0, -1), (180.0, 2)])
@@ -309,3 +310,30 @@ def test_cuda_pipeline_matches_cpu_statistics_and_geometry():
     sigmas = torch.linspace(0.2, 1.5, 64)
     torch.testing.assert_close(gaussian_blur(images.cuda(), sigmas.cuda()).cpu(), gaussian_blur(images, sigmas),
                                atol=3e-3, rtol=0)
+
+
+def test_flip_mirrors_left_right_anatomy_not_front_back():
+    """Through the real ingest layout: a marker on the right moves to the left, one at the front stays in front."""
+    import numpy as np
+
+    from braindino.ingest import PreprocessConfig, Volume, preprocess_volume
+
+    data = np.zeros((40, 40, 3), dtype=np.float32)
+    data[4:36, 4:36, :] = 1.0                 # head
+    data[32:35, 18:22, :] = 5.0               # marker on the right (high X in RAS)
+    data[18:22, 32:35, :] = 3.0               # marker at the front (high Y in RAS)
+    volume = Volume(data=data, affine=np.eye(4), spacing=(1.0, 1.0, 1.0), source_path="phantom")
+    slices = preprocess_volume(volume, PreprocessConfig(size=40, foreground="nonzero")).slices
+    image = torch.from_numpy(slices[1:2].astype(np.float32)).unsqueeze(1)
+    config = small_config(global_size=40, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0,
+                          max_rotation_deg=0.0, n_local=0)
+    flipped = MultiCropAugmentation(config)(image, generator(0))["global"][0, 0]
+
+    def centre_of(values, mask_value):
+        rows, cols = torch.nonzero(values == mask_value, as_tuple=True)
+        return rows.float().mean(), cols.float().mean()
+
+    right_row, right_col = centre_of(image[0, 0], image[0, 0].max())
+    flipped_row, flipped_col = centre_of(flipped, flipped.max())
+    assert right_row > 25 and flipped_row < 15                       # right -> left
+    assert abs(flipped_col - right_col) < 1                          # front-back position unchanged

@@ -198,7 +198,7 @@ def test_load_rgb_patch16_into_grey_patch8(tmp_path, fmt):
     path = tmp_path / f"weights.{fmt}"
     save_file(state, str(path)) if fmt == "safetensors" else save_module_pth(state, path)
     target = tiny_vit()
-    report = load_pretrained_backbone(target, str(path))
+    report = load_pretrained_backbone(target, str(path), input_mean=None)
 
     grey_kernel = state["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
     torch.testing.assert_close(target.vit.patch_embed.proj.weight, resample_patch_embed(grey_kernel, [8, 8]))
@@ -214,21 +214,31 @@ def test_load_rgb_patch16_into_grey_patch8(tmp_path, fmt):
     assert any("resampled" in line for line in report["adapted"])
 
 
-def test_same_patch_size_is_exact_and_grey_image_matches_rgb_replica(tmp_path):
+@pytest.mark.parametrize("normalised", [False, True], ids=["channel-sum", "imagenet-folded"])
+def test_same_patch_size_is_exact_and_grey_image_matches_rgb_replica(tmp_path, normalised):
+    """The 1-channel model on a grey slice == the RGB model on that slice replicated (and normalised, by default)."""
+    from braindino.models.init_from import IMAGENET_MEAN, IMAGENET_STD
+
     source = rgb_timm_vit()
     path = tmp_path / "weights.safetensors"
     save_file(source.state_dict(), str(path))
     target = tiny_vit(img_size=64, patch_size=16)  # LayerScale 1e-5 in the model, none in the file
-    report = load_pretrained_backbone(target, str(path))
-    torch.testing.assert_close(target.vit.patch_embed.proj.weight,
-                               source.patch_embed.proj.weight.sum(dim=1, keepdim=True), rtol=0, atol=0)
+    if normalised:
+        report = load_pretrained_backbone(target, str(path))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        assert any("folded in" in line for line in report["adapted"])
+    else:
+        report = load_pretrained_backbone(target, str(path), input_mean=None)
+        mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        torch.testing.assert_close(target.vit.patch_embed.proj.weight,
+                                   source.patch_embed.proj.weight.sum(dim=1, keepdim=True), rtol=0, atol=0)
     assert "blocks.0.ls1.gamma: set to 1 (checkpoint has no LayerScale)" in report["adapted"]
     grey = images(2, 64, 64)
     with torch.no_grad():
-        expected = source.forward_features(grey.expand(-1, 3, -1, -1))
+        expected = source.forward_features((grey.expand(-1, 3, -1, -1) - mean) / std)
         ours = target.forward_features(grey)
-    torch.testing.assert_close(ours["cls"], expected[:, 0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours["patch"], expected[:, 5:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours["cls"], expected[:, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours["patch"], expected[:, 5:], rtol=1e-4, atol=1e-4)
 
 
 def test_position_embedding_grid_is_resampled(tmp_path):

@@ -187,7 +187,8 @@ def test_init_from_timm_weights(tmp_path):
     source = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, in_chans=3, num_classes=0)
     save_file(source.state_dict(), tmp_path / "vit.safetensors")
-    config = tiny_config(f"model.init_from={tmp_path / 'vit.safetensors'}", "model.num_register_tokens=0")
+    config = tiny_config(f"model.init_from={tmp_path / 'vit.safetensors'}", "model.num_register_tokens=0",
+                         "model.init_from_normalisation=none")
     student, teacher, _, _ = build_networks(config, torch.device("cpu"))
     torch.testing.assert_close(student.backbone.vit.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
     torch.testing.assert_close(teacher.backbone.vit.patch_embed.proj.weight,

@@ -33,7 +33,8 @@ class CropParameters:
 
     centers: ``[N, 2]`` float, ``(x, y)`` of the crop centre (pixel-edge coordinates, see module docstring).
     sizes: ``[N, 2]`` float, ``(width, height)`` of the crop box before rotation.
-    flips: ``[N]`` bool, mirror the crop left-right.
+    flips: ``[N]`` bool, mirror the crop left-right: along the rows, which run along the R axis in the store's
+    slice layout (rows = X/Right, columns = Y/Anterior; see ``braindino.ingest.preprocess``).
     angles_deg: ``[N]`` float, rotation in degrees; positive turns the content counter-clockwise as displayed
         (row 0 at the top), so ``+90`` on a full square crop equals ``torch.rot90(image, 1, dims=(-2, -1))``.
     """
@@ -108,15 +109,16 @@ def crop_affine_matrices(parameters: CropParameters, image_size: tuple[int, int]
     """``[N, 2, 3]`` matrices mapping output normalised coordinates to input normalised coordinates.
 
     An output point ``(u, v)`` in ``[-1, 1]^2`` goes to the input pixel point
-    ``center + R(angle) @ (s * u * width / 2, v * height / 2)`` with ``s = -1`` when flipped, which is then
+    ``center + R(angle) @ (u * width / 2, s * v * height / 2)`` with ``s = -1`` when flipped (a mirror of the
+    rows: left-right in the store's slice layout, where rows run along the R axis), which is then
     normalised by the input size as ``F.grid_sample(align_corners=False)`` expects.
     """
     height, width = image_size
     angles = torch.deg2rad(parameters.angles_deg)
     cos, sin = torch.cos(angles), torch.sin(angles)
     mirror = 1.0 - 2.0 * parameters.flips.to(angles.dtype)
-    half_width = parameters.sizes[:, 0] / 2 * mirror
-    half_height = parameters.sizes[:, 1] / 2
+    half_width = parameters.sizes[:, 0] / 2
+    half_height = parameters.sizes[:, 1] / 2 * mirror   # rows run along R-L: this flip is left-right anatomy
     center_x = parameters.centers[:, 0] * (2 / width) - 1
     center_y = parameters.centers[:, 1] * (2 / height) - 1
     row_x = torch.stack([cos * half_width * (2 / width), -sin * half_height * (2 / width), center_x], dim=1)

@@ -8,9 +8,12 @@ key names (``register_tokens``, chunked ``blocks.<chunk>.<i>.``, ``mask_token [1
 
 Adaptations, each listed in the returned ``"adapted"`` (all exact unless noted):
 
-- Patch embedding ``[D, 3, p, p]`` -> ``[D, 1, p, p]`` by summing over colour channels (timm ``adapt_input_conv``): a
-  grey image replicated to RGB, ``x_r = x_g = x_b = x``, gives ``sum_c W_c * x = (sum_c W_c) * x``, so the 1-channel
-  model responds to a grey slice exactly as the RGB model responds to that slice replicated to three channels.
+- Patch embedding ``[D, 3, p, p]`` -> ``[D, 1, p, p]``, folding in the input normalisation the checkpoint was trained
+  with (``input_mean``/``input_std``, ImageNet's by default): the RGB model saw ``(x_c - m_c) / s_c``, so for a grey
+  slice replicated to RGB ``sum_c W_c (x - m_c) / s_c + b = (sum_c W_c / s_c) x + (b - sum_c (m_c / s_c) sum W_c)``,
+  i.e. ``W' = sum_c W_c / s_c`` and ``b' = b - sum_c (m_c / s_c) * W_c.sum((1, 2))``: the 1-channel model on a [0, 1]
+  slice responds exactly as the RGB model on that slice replicated and normalised. With ``input_mean=None`` the
+  channels are just summed (timm ``adapt_input_conv``).
 - Patch size: kernel resampled with timm ``resample_patch_embed`` (FlexiViT pseudo-inverse; approximate).
 - Position embeddings: this model embeds patch positions only, so position embeddings the checkpoint kept for its CLS
   (and register) tokens are added into those tokens (each is a constant vector, so the sum is the same input); the
@@ -35,6 +38,8 @@ from torch import Tensor
 from braindino.errors import InputError
 from braindino.models.vit import MaskableViT
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _CONTAINER_KEYS = ("state_dict", "model", "teacher")
 _SELECT_PREFIXES = ("teacher.", "backbone.")
@@ -111,10 +116,20 @@ def _check_architecture(path: Path, state: dict[str, Tensor], backbone: Maskable
         raise InputError(path, f"checkpoint depth {depth} != model depth {backbone.depth}", _ARCH_HINT)
 
 
-def _adapt_patch_embed(state: dict[str, Tensor], backbone: MaskableViT, adapted: list[str]) -> None:
-    """Channel-sum / resample ``patch_embed.proj.weight`` to ``[D, in_chans, p, p]``."""
+def _adapt_patch_embed(state: dict[str, Tensor], backbone: MaskableViT, adapted: list[str],
+                       input_mean, input_std) -> None:
+    """Channel-sum (folding the input normalisation) / resample ``patch_embed.proj.weight`` to ``[D, in_chans, p, p]``."""
     weight = state["patch_embed.proj.weight"].float()
-    if weight.shape[1] != backbone.in_chans:
+    if (input_mean is not None and backbone.in_chans == 1 and weight.shape[1] == len(input_mean)
+            and "patch_embed.proj.bias" in state):
+        mean = torch.tensor(input_mean, dtype=torch.float32)
+        std = torch.tensor(input_std, dtype=torch.float32)
+        adapted.append(f"patch_embed.proj: {weight.shape[1]} -> 1 input channel, input normalisation "
+                       f"mean={tuple(input_mean)} std={tuple(input_std)} folded in")
+        state["patch_embed.proj.bias"] = (state["patch_embed.proj.bias"].float()
+                                          - (weight.sum((2, 3)) * (mean / std)).sum(1))
+        weight = (weight / std[None, :, None, None]).sum(1, keepdim=True)
+    elif weight.shape[1] != backbone.in_chans:
         adapted.append(f"patch_embed.proj.weight: {weight.shape[1]} -> {backbone.in_chans} input channels")
         weight = adapt_input_conv(backbone.in_chans, weight, base_chans=weight.shape[1])
     patch = backbone.patch_size
@@ -168,8 +183,12 @@ def _adapt_layerscale(state: dict[str, Tensor], backbone: MaskableViT, adapted: 
                 adapted.append(f"{gamma_key}: folded into {projection} (model has no LayerScale)")
 
 
-def load_pretrained_backbone(backbone: MaskableViT, path: str) -> dict:
+def load_pretrained_backbone(backbone: MaskableViT, path: str, input_mean=IMAGENET_MEAN,
+                             input_std=IMAGENET_STD) -> dict:
     """Load timm-format ViT weights from ``path`` into ``backbone`` (non-strict, after the adaptations above).
+
+    ``input_mean``/``input_std``: per-channel normalisation the checkpoint was trained with (folded into the patch
+    embedding when going from RGB to 1 channel); ``None`` to sum the channels as they are.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "adapted": [...]}``: backbone keys the file did not provide (they
@@ -183,7 +202,7 @@ def load_pretrained_backbone(backbone: MaskableViT, path: str) -> dict:
     state = _to_timm_names(_read_tensors(file_path))
     _check_architecture(file_path, state, backbone)
     adapted: list[str] = []
-    _adapt_patch_embed(state, backbone, adapted)
+    _adapt_patch_embed(state, backbone, adapted, input_mean, input_std)
     if "pos_embed" in state:
         _adapt_pos_embed(file_path, state, backbone, adapted)
     _adapt_layerscale(state, backbone, adapted)

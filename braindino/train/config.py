@@ -20,6 +20,7 @@ DEFAULTS = {
         "layerscale_init": 1.0e-5,
         "attn": "auto",                  # auto | sdpa | xformers
         "init_from": None,               # timm-format ViT weights (.safetensors / .pth) to start from
+        "init_from_normalisation": "imagenet",   # input normalisation those weights expect: imagenet | none
         "grad_checkpointing": False,     # recompute block activations in backward: less memory, ~30% slower
     },
     "dino": {
@@ -96,6 +97,7 @@ CHOICES = {
     "objective": ("dino", "simclr"),
     "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"),
     "model.attn": ("auto", "sdpa", "xformers"),
+    "model.init_from_normalisation": ("imagenet", "none"),
     "dino.teacher_target": ("sinkhorn", "centering"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "train.precision": ("auto", "bf16", "fp32"),

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from braindino.augment import IntensityAugmentConfig, MultiCropAugmentation, MultiCropConfig, sample_batch_masks
 from braindino.models import build_backbone, load_pretrained_backbone, parameter_groups, set_attention_backend
+from braindino.models.init_from import IMAGENET_MEAN, IMAGENET_STD
 from braindino.train.dino import DINOObjective, build_dino_networks, update_teacher
 from braindino.train.distributed import DistInfo, all_reduce_max
 from braindino.train.schedules import build_schedules
@@ -50,7 +51,8 @@ def build_networks(config, device: torch.device):
                               drop_path_rate=model.drop_path_rate, layerscale_init=model.layerscale_init,
                               depth=model.depth)
     if model.init_from:
-        load_pretrained_backbone(backbone, model.init_from)
+        normalisation = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "none": (None, None)}
+        load_pretrained_backbone(backbone, model.init_from, *normalisation[model.init_from_normalisation])
     backbone.set_grad_checkpointing(model.grad_checkpointing)
     attn = set_attention_backend(backbone, model.attn)
     if config.objective == "dino":
