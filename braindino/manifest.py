@@ -3,7 +3,8 @@
 Required columns: ``path`` (image file or DICOM folder; relative paths resolve against the manifest's folder) and
 ``subject``. Optional: ``sequence`` (e.g. T1, FLAIR; a multi-sequence subject is several rows), ``split``
 (``train``/``val``/``test``, empty = unassigned) and ``volume_index`` (which volume of a 4D image). Every other
-column is a label carried through unchanged. Rows are numbered as in a spreadsheet: the header is row 1, so the
+column is a label carried through unchanged, except that ``mask`` (a segmentation label file of the volume), when
+present, is a path resolved like ``path`` (an empty cell stays empty). Rows are numbered as in a spreadsheet: the header is row 1, so the
 DataFrame row with index ``i`` is manifest row ``i + 2``.
 """
 
@@ -18,6 +19,7 @@ from braindino.errors import InputError
 REQUIRED_COLUMNS = ("path", "subject")
 STANDARD_COLUMNS = ("path", "subject", "sequence", "split", "volume_index")
 TEXT_COLUMNS = ("path", "subject", "sequence", "split")
+PATH_LABEL_COLUMNS = ("mask",)          # label columns holding file paths, resolved like ``path``
 SPLITS = ("train", "val", "test")
 FIRST_DATA_ROW = 2
 ROWS_SHOWN = 5
@@ -29,7 +31,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     Returns a DataFrame with a 0..n-1 index and the columns ``path`` (absolute path, str), ``subject`` (str),
     ``sequence`` (str, ``""`` when absent), ``split`` (``"train"``/``"val"``/``"test"`` or ``""``), ``volume_index``
     (pandas ``Int64``, ``<NA>`` when empty), then the label columns in file order. ``df.attrs["manifest_path"]`` holds
-    the manifest's absolute path. Raises :class:`InputError` naming the manifest (and rows) for every problem.
+    the manifest's absolute path. A ``mask`` label column holds absolute paths (``""`` where empty). Raises :class:`InputError` naming the manifest (and rows) for every problem.
     """
     manifest_path = Path(os.path.abspath(path))
     table = _read_csv(manifest_path)
@@ -51,6 +53,10 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                  "use train, val or test (or leave the cell empty)")
     table["volume_index"] = _parse_volume_index(manifest_path, table.get("volume_index"), table.index)
     table["path"] = [_resolve(manifest_path.parent, value) for value in table["path"]]
+    for column in PATH_LABEL_COLUMNS:
+        if column in table.columns:
+            table[column] = [_resolve(manifest_path.parent, value) if value else ""
+                             for value in table[column].fillna("").astype(str).str.strip()]
 
     ordered = list(STANDARD_COLUMNS) + [c for c in table.columns if c not in STANDARD_COLUMNS]
     manifest = table[ordered].reset_index(drop=True)
@@ -86,7 +92,8 @@ def _read_csv(manifest_path: Path) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            table = pd.read_csv(manifest_path, dtype={c: str for c in (*TEXT_COLUMNS, "volume_index")},
+            table = pd.read_csv(manifest_path, dtype={c: str for c in (*TEXT_COLUMNS, *PATH_LABEL_COLUMNS,
+                                                                         "volume_index")},
                                 index_col=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise InputError(manifest_path, "manifest is empty", "write a header row path,subject,... and one row "

@@ -200,6 +200,19 @@ def test_all_zero_volume(tmp_path):
     expect_input_error(lambda: preprocess_volume(volume, PreprocessConfig(size=8)), path, "all voxels are zero")
 
 
+@pytest.mark.parametrize("zooms, size, words", [
+    ((1000.0, 1000.0, 1000.0), 224, ["6000 x 7000 mm", "1000 x 1000", "wider than 600 mm"]),   # microns as mm
+    ((100.0, 100.0, 1.0), 224, ["600 x 700 mm", "100 x 100", "wider than 600"]),
+    ((30.0, 30.0, 1.0), 32, ["180 x 210 mm", "180 x 210 pixels", "more than 4 x size 32"]),
+])
+def test_implausible_in_plane_extent(tmp_path, zooms, size, words):
+    """Voxel sizes in the wrong units would resample to huge slices: refused, naming spacing and extent."""
+    path = nifti(tmp_path / "units.nii.gz", small_volume(), np.diag([*zooms, 1.0]))
+    volume = load_volume(path)
+    error = expect_input_error(lambda: preprocess_volume(volume, PreprocessConfig(size=size)), path, *words)
+    assert "pixdim" in error.hint and "xyzt_units" in error.hint
+
+
 def test_empty_dicom_directory(tmp_path):
     folder = tmp_path / "dicom"
     folder.mkdir()

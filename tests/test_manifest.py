@@ -82,3 +82,17 @@ def test_no_duplicates(tmp_path):
 def test_find_duplicate_rows_accepts_a_frame_without_volume_index():
     df = pd.DataFrame({"path": ["/x/a.nii", "/x/a.nii", "/x/b.nii"], "subject": ["1", "2", "3"]})
     assert find_duplicate_rows(df) == [1]
+
+
+def test_mask_column_resolves_like_path_and_empty_stays_empty(tmp_path):
+    manifest = write(tmp_path / "study" / "manifest.csv",
+                     "path,subject,mask,grade\n"
+                     "sub-1/t1.nii.gz,1,sub-1/seg.nii.gz,2\n"
+                     f"sub-2/t1.nii.gz,2,{tmp_path}/labels/seg2.nii.gz,3\n"
+                     "sub-3/t1.nii.gz,3,,1\n"
+                     "sub-4/t1.nii.gz,4,../shared/seg4.nii.gz,1\n")
+    df = read_manifest(manifest)
+    assert df["mask"].tolist() == [str(tmp_path / "study" / "sub-1" / "seg.nii.gz"),
+                                   str(tmp_path / "labels" / "seg2.nii.gz"), "",
+                                   str(tmp_path / "shared" / "seg4.nii.gz")]
+    assert label_columns(df) == ["mask", "grade"]

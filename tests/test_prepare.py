@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from braindino.cli import main
 from braindino.ingest.preprocess import PreprocessConfig, preprocess_volume
 from braindino.ingest.readers import content_hash, load_volume
 from braindino.store import SliceStore
+from braindino.store.format import volume_id, volume_key
 
 SHAPE = (32, 40, 30)
 CONFIG = PreprocessConfig(size=32)
@@ -218,3 +220,91 @@ def test_killed_prepare_leaves_readable_store_and_rerun_completes(cohort, tmp_pa
     store = SliceStore(store_dir)
     assert sorted(store.volumes["path"]) == sorted(str(tmp_path / p) for p in manifest["path"])
     assert sorted(store.volumes["shard"]) == [0, 1, 2, 3]      # shard 2 written anew after the .tmp was dropped
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_moved_file_takes_over_its_stored_slices(cohort, tmp_path, capsys, workers):
+    store_dir = tmp_path / "store"
+    assert prepare(cohort, store_dir) == 0
+    shards_before = json.loads((store_dir / "store.json").read_text())["shards"]
+    (tmp_path / "moved").mkdir()
+    new_path = tmp_path / "moved" / "renamed_T1.nii.gz"
+    os.rename(tmp_path / "sub-000_T1.nii.gz", new_path)
+    copied = tmp_path / "moved" / "copied_T1.nii.gz"           # a copy; the original stays on disk
+    shutil.copy(tmp_path / "sub-001_T1.nii.gz", copied)
+    manifest = pd.read_csv(cohort)
+    manifest.loc[0, ["path", "age"]] = ["moved/renamed_T1.nii.gz", 70.0]
+    manifest.loc[2, "path"] = "moved/copied_T1.nii.gz"
+    manifest.to_csv(cohort, index=False)
+    capsys.readouterr()
+    assert prepare(cohort, store_dir, "--workers", workers) == 0
+    console = capsys.readouterr().out
+    assert "0 volumes stored, 2 unchanged, 0 failed, 2 moved;" in console and "warning" not in console
+    assert json.loads((store_dir / "store.json").read_text())["shards"] == shards_before   # nothing re-ingested
+    store = SliceStore(store_dir)
+    kept = str(tmp_path / "sub-001_T1.nii.gz")                # not in the manifest, but its file exists: kept
+    assert sorted(store.volumes["path"]) == sorted([kept, *(str(tmp_path / p) for p in manifest["path"])])
+    np.testing.assert_array_equal(store_slices(store, store.volumes.index[store.volumes["path"] == kept][0]),
+                                  store_slices(store, store.volumes.index[store.volumes["path"] == str(copied)][0]))
+    row = store.volumes.index[store.volumes["path"] == str(new_path)][0]
+    assert store.volumes["volume_id"].iat[row] == volume_id(volume_key(new_path, None))
+    assert store.volumes["age"].iat[row] == 70.0 and store.volumes["content_hash"].iat[row] == content_hash(new_path)
+    np.testing.assert_array_equal(store_slices(store, row), preprocess_volume(load_volume(new_path), CONFIG).slices)
+    assert len(store) == sum(len(store.volume_slices(r)) for r in range(5))
+
+
+def test_stored_volumes_whose_files_are_gone_are_dropped_with_one_warning(cohort, tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    assert prepare(cohort, store_dir) == 0
+    gone, kept = tmp_path / "sub-001_FLAIR.nii.gz", tmp_path / "sub-001_T1.nii.gz"
+    gone.unlink()
+    manifest = pd.read_csv(cohort)
+    manifest[~manifest["path"].isin([gone.name, kept.name])].to_csv(cohort, index=False)
+    capsys.readouterr()
+    assert prepare(cohort, store_dir) == 0
+    console = capsys.readouterr().out
+    warnings = [line for line in console.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(gone) in warnings[0] and str(kept) not in warnings[0]
+    assert "1 stored volumes dropped (file gone, not in the manifest)" in console
+    paths = SliceStore(store_dir).volumes["path"].tolist()
+    assert str(gone) not in paths and str(kept) in paths and len(paths) == 3   # files still on disk are kept
+
+
+def test_unexpected_error_cause_is_its_first_line(cohort, tmp_path, capsys, monkeypatch):
+    def failing_reader(path, volume_index=None):
+        raise RuntimeError("ITK ERROR: reader failed\n  at itkImageFileReader.hxx line 135\n  more detail")
+
+    monkeypatch.setattr("braindino.store.writer.load_volume", failing_reader)
+    assert prepare(cohort, tmp_path / "store") == 1
+    console = capsys.readouterr().out
+    causes = pd.read_csv(tmp_path / "store" / "errors.csv")["cause"].tolist()
+    assert causes == ["unexpected error RuntimeError: ITK ERROR: reader failed"] * 4
+    assert "itkImageFileReader" not in console and "more detail" not in console
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_library_warnings_do_not_reach_the_console(tmp_path, workers):
+    """nibabel logs a line about negative pixdim that names no file: only braindino's own line may appear.
+    Run as a real command, since pytest captures log records and worker output of the test process itself."""
+    bad = tmp_path / "negative.nii"
+    save(bad, head(0))
+    with open(bad, "r+b") as handle:                          # pixdim[1] at byte 80
+        handle.seek(80)
+        handle.write(np.float32(-1.0).tobytes())
+    pd.DataFrame({"path": [str(bad)], "subject": ["s"]}).to_csv(tmp_path / "m.csv", index=False)
+    command = [sys.executable, "-m", "braindino.cli", "prepare", "--manifest", str(tmp_path / "m.csv"),
+               "--out", str(tmp_path / "store"), "--size", "32", "--workers", workers]
+    finished = subprocess.run(command, check=False, capture_output=True, encoding="utf-8", timeout=300)
+    assert finished.returncode == 1
+    lines = (finished.stdout + finished.stderr).replace("\r", "\n").splitlines()
+    mentions = [line for line in lines if "pixdim" in line or "positive" in line]
+    assert mentions and all(line.startswith(f"{bad}: voxel spacing") for line in mentions), mentions
+
+
+def test_unwritable_out_is_one_line_and_exit_2(cohort, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "store"
+    assert prepare(cohort, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"braindino prepare: {out}: Not a directory — check free space and permissions; "
+                   f"finished volumes are kept")

@@ -230,3 +230,47 @@ def test_content_hash_matches_hashlib_and_tracks_dicom_members(tmp_path):
     member = sorted(copy.iterdir())[1]
     member.write_bytes(member.read_bytes()[:-1] + b"\x01")
     assert content_hash(copy) != first
+
+
+def dicom_slices_at(folder, z_offsets_mm, series_uid: str, prefix: str, value: int = 0) -> None:
+    """Add to ``folder`` one 8x8 slice file of series ``series_uid`` per entry of ``z_offsets_mm`` (mm along S)."""
+    for number, z_mm in enumerate(z_offsets_mm):
+        affine = RAS_AFFINE.copy()
+        affine[2, 3] += z_mm
+        staging = folder.parent / f"{folder.name}-{prefix}{number}"
+        write_dicom_series(to_sitk(make_anatomy()[:8, :8, :1] + value, affine), staging, series_uid)
+        for member in staging.iterdir():
+            shutil.move(member, folder / f"{prefix}{number:03d}_{member.name}")
+        staging.rmdir()
+
+
+@pytest.mark.parametrize("case, z_offsets_mm, extra_offsets_mm", [
+    ("missing slice", [0, 2, 4, 8, 10], []),
+    ("uneven gap", [0, 2, 4, 6, 7], []),
+    ("two interleaved volumes", [0, 2, 4, 6], [0, 2, 4, 6]),
+])
+def test_dicom_series_with_missing_duplicate_or_uneven_slices_is_refused(tmp_path, capfd, case,
+                                                                         z_offsets_mm, extra_offsets_mm):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    dicom_slices_at(folder, z_offsets_mm, "1.2.826.0.1.3680043.2.1125.11.1", "a")
+    dicom_slices_at(folder, extra_offsets_mm, "1.2.826.0.1.3680043.2.1125.11.1", "b", value=50)
+    with pytest.raises(InputError) as caught:
+        load_volume(folder)
+    message = str(caught.value)
+    assert message.startswith(f"{folder}: DICOM series has missing, duplicate or unevenly spaced slices"), case
+    assert "split or re-export" in message and "\n" not in message
+    assert "Doe" not in message and "1.2.826" not in message
+    distinct = len(set(z_offsets_mm + extra_offsets_mm))
+    assert f"{len(z_offsets_mm) + len(extra_offsets_mm)} files at {distinct} distinct positions" in message
+    assert capfd.readouterr() == ("", "")                    # no ITK warning on the console
+
+
+def test_dicom_gap_jitter_within_tolerance_is_read_without_console_warnings(tmp_path, capfd):
+    """A 5 % gap deviation passes the check; ITK's own "non uniform sampling" warning must stay off the console."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    dicom_slices_at(folder, [0, 2, 4, 6, 8.1], "1.2.826.0.1.3680043.2.1125.12.1", "a")
+    volume = load_volume(folder)
+    assert volume.data.shape == (8, 8, 5)
+    assert capfd.readouterr() == ("", "")

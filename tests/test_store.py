@@ -102,6 +102,22 @@ def test_index_tables(tmp_path, cohort):
         assert info["volume_index"] is None
 
 
+def test_label_columns_named_like_slice_fields_do_not_override_them(tmp_path, cohort):
+    """Labels z / index / volume_row stay in ``volumes`` but slice_info reports the slice's own values."""
+    labelled = {path: (slices, z, {**labels, "z": 999, "index": -1, "volume_row": 42})
+                for path, (slices, z, labels) in cohort.items()}
+    build(tmp_path / "store", labelled)
+    store = SliceStore(tmp_path / "store")
+    assert store.volumes["z"].tolist() == [999] * 5 and store.volumes["volume_row"].tolist() == [42] * 5
+    global_index = 0
+    for row, (slices, z, labels) in enumerate(labelled.values()):
+        for position in range(len(z)):
+            info = store.slice_info(global_index)
+            assert (info["index"], info["volume_row"], info["z"]) == (global_index, row, z[position])
+            assert info["age"] == labels["age"]
+            global_index += 1
+
+
 def test_items_are_copies(tmp_path, cohort):
     build(tmp_path / "store", cohort)
     store = SliceStore(tmp_path / "store")
@@ -128,6 +144,24 @@ def test_append_and_replace(tmp_path, cohort):
     np.testing.assert_array_equal(np.stack([store[i] for i in replaced]), new_slices)
     assert store.volumes["content_hash"].iat[2] == "new"
     assert len(list((tmp_path / "store").glob("index-*"))) == 1   # older index generations removed
+
+
+def test_copy_volume_reuses_stored_slices_under_a_new_key(tmp_path, cohort):
+    paths = list(cohort)
+    build(tmp_path / "store", cohort)
+    with StoreBuilder(tmp_path / "store", PREPROCESSING, SIZE, SIZE) as builder:
+        assert builder.stored_hashes()[volume_key(paths[1], None)] == f"hash-{paths[1]}"
+        builder.copy_volume(volume_key(paths[1], None), {"path": "/moved/vol1.nii.gz", "subject": "new"})
+        builder.drop_volume(volume_key(paths[1], None))
+    store = SliceStore(tmp_path / "store")
+    assert store.volumes["path"].tolist() == [paths[0], *paths[2:], "/moved/vol1.nii.gz"]
+    moved = store.volumes.iloc[-1]
+    assert (moved["subject"], moved["sequence"], moved["content_hash"]) == ("new", "T1", f"hash-{paths[1]}")
+    assert moved["volume_id"] == volume_id(volume_key("/moved/vol1.nii.gz", None))
+    slices, z, _ = cohort[paths[1]]
+    np.testing.assert_array_equal(np.stack([store[i] for i in store.volume_slices(4)]), slices)
+    np.testing.assert_array_equal(store.slice_z[list(store.volume_slices(4))], z)
+    assert len(store) == 25 and json.loads((tmp_path / "store" / "store.json").read_text())["n_volumes"] == 5
 
 
 def test_pickled_store_in_dataloader_workers(tmp_path, cohort):

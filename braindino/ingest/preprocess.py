@@ -23,6 +23,10 @@ from braindino.ingest.readers import Volume
 FOREGROUND_METHODS = ("auto", "nonzero", "otsu")
 AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" treats a volume with at least this share of exact zeros as stripped
 IN_PLANE_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
+MAX_RESAMPLED_SIDE_IN_SIZES = 4        # a resampled in-plane side longer than 4 x size means a wrong voxel size
+MAX_IN_PLANE_EXTENT_MM = 600.0         # no head is this wide; larger extents come from voxel sizes in wrong units
+UNITS_HINT = ("check the voxel size and its units in the header (NIfTI pixdim and xyzt_units: metres or microns "
+              "instead of mm?) and fix them or re-export the image")
 
 
 @dataclass
@@ -84,6 +88,7 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig) -> PreprocessedV
 
     extent_mm = np.asarray(data.shape[:2]) * np.asarray(volume.spacing[:2])
     resampled_shape = tuple(max(1, int(round(mm / config.spacing_mm))) for mm in extent_mm)     # (H, W)
+    _check_in_plane_extent(volume, extent_mm, resampled_shape, config)
     mask_stack = _resample_stack(mask.transpose(2, 0, 1), resampled_shape)                      # [Z, H, W]
     crop_offset = _window_offset(mask_stack.any(axis=0), config.size)
     mask_window = _crop_or_pad(mask_stack, crop_offset, config.size)                            # [Z, size, size]
@@ -107,6 +112,23 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig) -> PreprocessedV
         crop_offset=crop_offset,
         resampled_shape=resampled_shape,
     )
+
+
+def _check_in_plane_extent(volume: Volume, extent_mm: np.ndarray, resampled_shape: tuple[int, int],
+                           config: PreprocessConfig) -> None:
+    """Refuse an axial plane wider than ``MAX_IN_PLANE_EXTENT_MM`` or resampling to a side longer than
+    ``MAX_RESAMPLED_SIDE_IN_SIZES * size`` pixels (``extent_mm`` [2], mm along X and Y): both point to voxel sizes
+    stored in the wrong units, and would otherwise allocate huge resampled stacks."""
+    longest_side = MAX_RESAMPLED_SIDE_IN_SIZES * config.size
+    if max(extent_mm) <= MAX_IN_PLANE_EXTENT_MM and max(resampled_shape) <= longest_side:
+        return
+    spacing = " x ".join(f"{s:g}" for s in volume.spacing[:2])
+    extent = " x ".join(f"{mm:.0f}" for mm in extent_mm)
+    limit = (f"wider than {MAX_IN_PLANE_EXTENT_MM:.0f} mm" if max(extent_mm) > MAX_IN_PLANE_EXTENT_MM else
+             f"resamples to {resampled_shape[0]} x {resampled_shape[1]} pixels at {config.spacing_mm:g} mm, more "
+             f"than {MAX_RESAMPLED_SIDE_IN_SIZES} x size {config.size}")
+    raise InputError(volume.source_path, f"axial plane of {extent} mm (voxel spacing {spacing} mm) is {limit}",
+                     UNITS_HINT)
 
 
 def foreground_mask(data: np.ndarray, method: str) -> np.ndarray:

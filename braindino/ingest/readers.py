@@ -4,8 +4,10 @@ Every reader returns the raw voxel array plus its voxel->RAS affine; :func:`load
 and values and reorients the array with nibabel's orientation utilities, so that axis 0 runs to the Right, axis 1 to
 the Anterior and axis 2 to the Superior (axial slices are ``data[:, :, z]``) whatever the on-disk layout was.
 Every problem a user can fix raises :class:`braindino.errors.InputError`; messages never quote DICOM header fields.
+ITK's console warnings are switched off while a file is read: each problem is reported once, as that InputError.
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -30,6 +32,12 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 MAX_AFFINE_CONDITION = 1e6
 HASH_CHUNK_BYTES = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+IMAGE_POSITION_TAG = "0020|0032"        # DICOM ImagePositionPatient: x\y\z of the slice's first voxel, mm (LPS)
+IMAGE_ORIENTATION_TAG = "0020|0037"     # DICOM ImageOrientationPatient: row and column direction cosines
+SLICE_GAP_TOLERANCE = 0.1               # a DICOM slice gap may differ from the median gap by this share
+SAME_POSITION_MM = 1e-3                 # two DICOM slices closer than this along the normal share one position
+DICOM_UNREADABLE = "DICOM series cannot be read (damaged files or inconsistent slice geometry)"
+DICOM_REEXPORT_HINT = "re-export the series, or convert it to NIfTI with dcm2niix"
 
 
 @dataclass
@@ -66,15 +74,16 @@ def load_volume(path: str | os.PathLike, volume_index: int | None = None) -> Vol
     if not path.exists():
         raise InputError(path, "file not found",
                          "check the path (relative manifest paths resolve against the manifest's folder)")
-    if path.is_dir():
-        raw = _read_dicom_series(path, volume_index)
-    elif path.name.lower().endswith(NIFTI_SUFFIXES):
-        raw = _read_nifti(path, volume_index)
-    elif path.name.lower().endswith(ITK_SUFFIXES):
-        raw = _read_itk_file(path, volume_index)
-    else:
-        extension = "".join(path.suffixes[-2:]) or "(none)"
-        raise InputError(path, f"unsupported file extension {extension}", SUPPORTED_HINT)
+    with _itk_warnings_silenced():
+        if path.is_dir():
+            raw = _read_dicom_series(path, volume_index)
+        elif path.name.lower().endswith(NIFTI_SUFFIXES):
+            raw = _read_nifti(path, volume_index)
+        elif path.name.lower().endswith(ITK_SUFFIXES):
+            raw = _read_itk_file(path, volume_index)
+        else:
+            extension = "".join(path.suffixes[-2:]) or "(none)"
+            raise InputError(path, f"unsupported file extension {extension}", SUPPORTED_HINT)
     _check_geometry(path, raw.header_spacing, raw.affine, values_shown=not path.is_dir())
     _check_values(path, raw.data)
     return _to_canonical(path, raw.data, raw.affine)
@@ -200,18 +209,76 @@ def _read_dicom_series(path: Path, volume_index: int | None) -> _RawImage:
         raise InputError(path, f"folder holds {len(series_ids)} DICOM series",
                          "move each series into its own folder and list each folder as a manifest row")
     _check_volume_index(path, None, volume_index)
+    file_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_ids[0])
+    _check_slice_positions(path, file_names)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_ids[0]))
+    reader.SetFileNames(file_names)
     try:
         image = reader.Execute()
     except RuntimeError:
-        raise InputError(path, "DICOM series cannot be read (damaged files or inconsistent slice geometry)",
-                         "re-export the series, or convert it to NIfTI with dcm2niix") from None
+        raise InputError(path, DICOM_UNREADABLE, DICOM_REEXPORT_HINT) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, "DICOM series is not a grey-level image", "use a grey-level MR series")
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         raise InputError(path, "DICOM series is 2D (a single slice), not a 3D volume", STACK_HINT)
     return _itk_to_raw(image)
+
+
+def _check_slice_positions(path: Path, file_names) -> None:
+    """Refuse a DICOM series whose slices are not at distinct, evenly spaced positions.
+
+    Each file's ImagePositionPatient is projected on the slice normal (cross product of the first file's row and
+    column direction cosines); the gaps between sorted positions must be non-zero (no two slices, e.g. of two
+    interleaved acquisitions, at one position) and within ``SLICE_GAP_TOLERANCE`` of their median (no missing
+    slice). A series where some file lacks either tag is not checked here (GDCM orders such files as it can).
+    """
+    reader = sitk.ImageFileReader()
+    positions, normal = [], None
+    for name in file_names:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(path, DICOM_UNREADABLE, DICOM_REEXPORT_HINT) from None
+        position = _dicom_numbers(reader, IMAGE_POSITION_TAG, 3)
+        orientation = _dicom_numbers(reader, IMAGE_ORIENTATION_TAG, 6)
+        if position is None or orientation is None:
+            return
+        if normal is None:
+            normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(position @ normal))
+    if len(positions) < 2:
+        return
+    gaps = np.diff(np.sort(positions))                          # [n_files - 1] mm
+    distinct = gaps >= SAME_POSITION_MM
+    median = float(np.median(gaps))
+    if not np.all(distinct) or np.any(np.abs(gaps - median) > SLICE_GAP_TOLERANCE * median):
+        raise InputError(path, f"DICOM series has missing, duplicate or unevenly spaced slices "
+                               f"({len(positions)} files at {int(distinct.sum()) + 1} distinct positions, slice gaps "
+                               f"{gaps.min():.3g} to {gaps.max():.3g} mm, median {median:.3g} mm)",
+                         "split or re-export the series")
+
+
+def _dicom_numbers(reader: sitk.ImageFileReader, tag: str, count: int) -> np.ndarray | None:
+    """The ``[count]`` float values of a backslash-separated numeric DICOM tag, or None if absent or malformed."""
+    if not reader.HasMetaDataKey(tag):
+        return None
+    try:
+        values = np.array([float(part) for part in reader.GetMetaData(tag).split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.shape == (count,) and np.all(np.isfinite(values)) else None
+
+
+@contextlib.contextmanager
+def _itk_warnings_silenced():
+    """Switch ITK's console warnings off for the duration (restored afterwards)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _itk_to_raw(image: sitk.Image) -> _RawImage:

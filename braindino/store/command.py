@@ -2,7 +2,8 @@
 
 Exit status: 0 when every manifest row is stored (or already was), 1 when some volumes failed (see
 ``STORE/errors.csv``) or a worker process died, 2 when nothing could be done (bad manifest, incompatible store,
-bad option), 130 when interrupted by Ctrl-C (what was finished is kept; rerun to continue).
+bad option) or the store cannot be written (full disk, no permission: volumes committed before are kept), 130 when
+interrupted by Ctrl-C (what was finished is kept; rerun to continue).
 """
 
 import argparse
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
                                shard_bytes=max(1, int(args.shard_mb * BYTES_PER_MIB)))
     except InputError as err:
         print(f"braindino prepare: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:   # writing the store (files that are read report their own errors per volume)
+        print(f"braindino prepare: {args.out}: {err.strerror or err} — check free space and permissions; "
+              f"finished volumes are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"braindino prepare: interrupted — the volumes finished so far are stored in {args.out}; rerun the "

@@ -26,7 +26,8 @@ Atomicity: a shard is written as ``shard-XXXXX.f16.tmp``, fsynced and renamed; t
 ``index-XXXXXX.tmp/``, fsynced and renamed; only then is ``store.json`` replaced (the commit point) and older
 index folders removed. A reader follows ``store.json`` alone, so it never sees a half-written file, and a killed
 writer leaves the last committed store intact; the next writer deletes the leftovers. Slices of a volume that
-was re-ingested stay in their shard as dead space, unreferenced by the index.
+was re-ingested stay in their shard as dead space, unreferenced by the index. Two volumes.csv rows may share the
+same shard rows (a file copied or moved to a new path reuses the stored slices, see ``copy_volume``).
 """
 
 import fcntl
@@ -263,6 +264,20 @@ class StoreBuilder:
     def stored_hash(self, key) -> str | None:
         """Content hash of the committed volume with this key, or None when it is not stored."""
         return self._volumes[key][0]["content_hash"] if key in self._volumes else None
+
+    def stored_hashes(self) -> dict[tuple, str]:
+        """{key: content hash} of every committed volume."""
+        return {key: row["content_hash"] for key, (row, _) in self._volumes.items()}
+
+    def copy_volume(self, source_key, record: dict) -> None:
+        """Store the volume ``record`` (path, volume_index and metadata columns) with the slices of the committed
+        volume ``source_key`` (same file content under a new path): both rows then point at the same shard rows."""
+        source_row, z = self._volumes[source_key]
+        key = volume_key(record["path"], record.get("volume_index"))
+        self._volumes.pop(key, None)
+        self._volumes[key] = {**source_row, **record, "volume_id": volume_id(key), "path": key[0],
+                              "volume_index": key[1]}, z
+        self._dirty = True
 
     def update_volume(self, key, fields: dict) -> None:
         """Overwrite columns (manifest metadata, labels) of a committed volume."""

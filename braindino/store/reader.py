@@ -97,15 +97,15 @@ class SliceStore:
         return range(first, first + int(self.volumes["n_slices"].iat[volume_row]))
 
     def slice_info(self, i: int) -> dict:
-        """Metadata of slice ``i``: its index, volume row, z, and its volume's columns (labels included);
+        """Metadata of slice ``i``: its volume's columns (labels included), then the slice's own ``index``,
+        ``volume_row`` and ``z``, which win over label columns of the same name (those stay in ``volumes``);
         ``affine`` is returned as a [4, 4] float64 array."""
         i = self._check_index(i)
         volume = int(self.slice_volume[i])
-        row = self.volumes.iloc[volume]
-        info = {"index": i, "volume_row": volume, "z": int(self.slice_z[i])}
-        info.update({name: (None if _is_missing(value) else value) for name, value in row.items()})
+        info = {name: (None if _is_missing(value) else value) for name, value in self.volumes.iloc[volume].items()}
         if info["affine"] is not None:
             info["affine"] = np.array(json.loads(info["affine"]), dtype=np.float64)
+        info.update(index=i, volume_row=volume, z=int(self.slice_z[i]))
         return info
 
     def __repr__(self) -> str:

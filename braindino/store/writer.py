@@ -4,11 +4,20 @@ Worker processes hash, load and preprocess volumes (``braindino.ingest``); the p
 open shard in manifest order and commits shards and index as they fill (see :mod:`braindino.store.format`).
 A volume whose file hash matches its stored copy is skipped (its manifest columns are refreshed); a changed file
 is ingested again and replaces its old copy. Each volume that cannot be stored gets one line — file, cause, what
-to do — on the console and in ``STORE/errors.csv``; the others are stored regardless.
+to do — on the console and in ``STORE/errors.csv``; the others are stored regardless. nibabel's log messages and
+ITK's console warnings are switched off in the processes that read files, so a bad file prints that one line only.
+
+Moved or renamed files: a stored volume that no manifest row names any more is an *orphan*. A manifest row whose
+file has the content hash (and volume_index) of an orphan reuses the orphan's stored slices without being read
+again ("moved"). After the run, orphans whose file no longer exists are dropped from the store: silently when a
+manifest row took over their content (a move), else with one warning line and a count in the summary, so training
+does not go on using them. Orphans whose file still exists are kept (a store may be filled from several manifests).
 """
 
 import json
+import logging
 import multiprocessing
+import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +43,9 @@ UNEXPECTED_HINT = ("check that the file opens in an image viewer; if it does, re
                    "braindino maintainers")
 DUPLICATE_CAUSE = "duplicate manifest row (same path and volume_index as an earlier row)"
 DUPLICATE_HINT = "remove the repeated row; the first one was processed"
+DROPPED_SHOWN = 3
+
+_worker_moved_hashes: frozenset = frozenset()   # in a worker process: the (content_hash, volume_index) of orphans
 
 
 @dataclass
@@ -42,10 +54,12 @@ class PrepareReport:
 
     stored: int = 0
     skipped: int = 0
+    moved: int = 0
     slices_written: int = 0
     store_slices: int = 0
     seconds: float = 0.0
     errors: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)   # paths of stored volumes dropped: not in the manifest, file gone
 
     @property
     def failed(self) -> int:
@@ -56,9 +70,12 @@ class PrepareReport:
         return not self.errors
 
     def summary(self) -> str:
-        handled = self.stored + self.skipped + self.failed
+        handled = self.stored + self.skipped + self.moved + self.failed
         rate = handled / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.stored} volumes stored, {self.skipped} unchanged, {self.failed} failed; "
+        moved = f", {self.moved} moved" if self.moved else ""
+        dropped = (f"; {len(self.dropped)} stored volumes dropped (file gone, not in the manifest)"
+                   if self.dropped else "")
+        return (f"{self.stored} volumes stored, {self.skipped} unchanged, {self.failed} failed{moved}{dropped}; "
                 f"{self.slices_written} slices written ({self.store_slices} in store); "
                 f"{self.seconds:.1f} s, {rate:.2f} volumes/s")
 
@@ -76,7 +93,8 @@ class _Task:
 
 @dataclass
 class _Outcome:
-    """A worker's answer: status "stored" (with ``columns`` and [K, S, S] ``slices``), "unchanged" or "failed"."""
+    """A worker's answer: status "stored" (with ``columns`` and [K, S, S] ``slices``), "unchanged", "moved"
+    (the file's content is an orphan's; ``columns`` holds its ``content_hash``) or "failed"."""
 
     position: int
     status: str
@@ -87,18 +105,23 @@ class _Outcome:
     hint: str = ""
 
 
-def _ingest(task: _Task) -> _Outcome:
-    """Hash, load and preprocess one volume (runs in a worker process); never raises for a bad file."""
+def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
+    """Hash, load and preprocess one volume; never raises for a bad file. ``moved_hashes`` holds the
+    (content_hash, volume_index) pairs of orphans: a file matching one is not read further ("moved")."""
     try:
         digest = content_hash(task.path)
         if digest == task.stored_hash:
             return _Outcome(task.position, "unchanged")
+        if (digest, task.volume_index) in moved_hashes:
+            return _Outcome(task.position, "moved", columns={"content_hash": digest})
         volume = load_volume(task.path, task.volume_index)
         prepared = preprocess_volume(volume, task.config)
     except InputError as err:
         return _Outcome(task.position, "failed", cause=err.cause, hint=err.hint)
     except Exception as err:  # a reader or filter failing in a way ingest does not recognise
-        return _Outcome(task.position, "failed", cause=f"unexpected error {type(err).__name__}: {err}",
+        lines = str(err).strip().splitlines()
+        detail = f": {lines[0]}" if lines else ""
+        return _Outcome(task.position, "failed", cause=f"unexpected error {type(err).__name__}{detail}",
                         hint=UNEXPECTED_HINT)
     columns = {
         "content_hash": digest,
@@ -111,27 +134,44 @@ def _ingest(task: _Task) -> _Outcome:
     return _Outcome(task.position, "stored", columns, prepared.slices, prepared.z_indices)
 
 
-def _prepare_worker() -> None:
+def _silence_library_warnings() -> None:
+    """Keep nibabel's log messages and ITK's console warnings (which name no file) off the console of this
+    process: every bad file is reported by its own one-line error instead."""
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
+def _prepare_worker(moved_hashes: frozenset) -> None:
     """Worker initializer: compute on one core (torch resampling, ITK filters), so that ``workers`` processes use
     ``workers`` cores; leave Ctrl-C to the parent, which commits what is done and stops the pool."""
+    global _worker_moved_hashes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _silence_library_warnings()
+    _worker_moved_hashes = moved_hashes
 
 
-def _outcomes(tasks: list[_Task], workers: int):
-    """Yield one outcome per task, in task order; ``workers`` > 1 spreads the work over worker processes.
+def _ingest_in_worker(task: _Task) -> _Outcome:
+    return _ingest(task, _worker_moved_hashes)
+
+
+def _outcomes(tasks: list[_Task], workers: int, moved_hashes: frozenset):
+    """Yield one outcome per task, in task order; ``workers`` > 1 spreads the work over worker processes
+    (``moved_hashes`` is sent to each worker once, not with every task).
 
     A worker that dies (killed for memory, say) raises ``BrokenProcessPool`` here rather than hanging the run.
     """
     if workers <= 1:
-        yield from map(_ingest, tasks)
+        _silence_library_warnings()
+        yield from (_ingest(task, moved_hashes) for task in tasks)
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_prepare_worker)
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_prepare_worker,
+                                   initargs=(moved_hashes,))
     try:
-        yield from executor.map(_ingest, tasks)
+        yield from executor.map(_ingest_in_worker, tasks)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 
@@ -141,6 +181,33 @@ def _report_failure(report: PrepareReport, row: dict, cause: str, hint: str, pri
     report.errors.append({"path": row["path"], "subject": row.get("subject", ""),
                           "sequence": row.get("sequence", ""), "cause": cause, "hint": hint})
     print_line(f"{row['path']}: {cause} — {hint}")
+
+
+def _orphans_by_content(builder: StoreBuilder, manifest_keys: set) -> dict[tuple, list]:
+    """{(content_hash, volume_index): [keys]} of the stored volumes that no manifest row names (orphans)."""
+    orphans: dict[tuple, list] = {}
+    for key, digest in builder.stored_hashes().items():
+        if key not in manifest_keys:
+            orphans.setdefault((digest, key[1]), []).append(key)
+    return orphans
+
+
+def _drop_orphans(builder: StoreBuilder, orphans: dict[tuple, list], taken_over: set, report: PrepareReport,
+                  print_line) -> None:
+    """Drop the orphans whose file is gone; those whose (content_hash, volume_index) is not in ``taken_over`` by
+    a manifest row are recorded in ``report.dropped`` and named in one warning line."""
+    for content, keys in orphans.items():
+        for key in keys:
+            if not os.path.exists(key[0]):
+                builder.drop_volume(key)
+                if content not in taken_over:
+                    report.dropped.append(key[0])
+    if report.dropped:
+        shown = ", ".join(report.dropped[:DROPPED_SHOWN])
+        more = f" and {len(report.dropped) - DROPPED_SHOWN} more" if len(report.dropped) > DROPPED_SHOWN else ""
+        print_line(f"warning: {len(report.dropped)} stored volumes are no longer in the manifest and their files "
+                   f"are gone ({shown}{more}); dropped from the store — list their new paths in the manifest to "
+                   f"store them again")
 
 
 def _write_errors(out_dir, errors: list[dict]) -> None:
@@ -155,7 +222,8 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
     Manifest-level problems (unreadable CSV, missing columns, a column name the store reserves) and a store
     that cannot be appended to (other preprocessing config, unknown format version, another writer running)
     raise InputError before anything is written. Per-volume problems are collected in the returned report,
-    printed and written to ``out_dir/errors.csv``.
+    printed and written to ``out_dir/errors.csv``. Moved files and stored volumes whose files are gone are handled
+    as the module docstring says. Turns off nibabel's log messages and ITK's warnings in the reading processes.
     """
     started = time.perf_counter()
     config = config or PreprocessConfig()
@@ -169,6 +237,8 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
     duplicates = set(find_duplicate_rows(manifest))
     report = PrepareReport()
     with StoreBuilder(out_dir, asdict(config), config.size, config.size, shard_bytes) as builder:
+        orphans = _orphans_by_content(builder, {volume_key(row["path"], row.get("volume_index")) for row in rows})
+        taken_over: set = set()
         tasks = []
         for position, row in enumerate(rows):
             if position in duplicates:
@@ -176,7 +246,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
             else:
                 key = volume_key(row["path"], row.get("volume_index"))
                 tasks.append(_Task(position, key[0], key[1], builder.stored_hash(key), config))
-        outcomes = _outcomes(tasks, workers)
+        outcomes = _outcomes(tasks, workers, frozenset(orphans))
         try:
             bar = tqdm(outcomes, total=len(tasks), desc="prepare", unit="vol", disable=not progress)
             for outcome in bar:
@@ -186,6 +256,11 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
                 if outcome.status == "unchanged":
                     builder.update_volume(key, metadata)
                     report.skipped += 1
+                elif outcome.status == "moved":
+                    content = (outcome.columns["content_hash"], key[1])
+                    builder.copy_volume(orphans[content][0], {"path": key[0], "volume_index": key[1], **metadata})
+                    taken_over.add(content)
+                    report.moved += 1
                 elif outcome.status == "failed":
                     builder.drop_volume(key)
                     _report_failure(report, row, outcome.cause, outcome.hint, bar.write)
@@ -194,6 +269,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
                                        outcome.slices, outcome.z_indices)
                     report.stored += 1
                     report.slices_written += len(outcome.slices)
+            _drop_orphans(builder, orphans, taken_over, report, bar.write)
             builder.commit()
             report.store_slices = builder.n_slices
         finally:
