@@ -4,13 +4,15 @@ Every reader returns the raw voxel array plus its voxel->RAS affine; :func:`load
 and values and reorients the array with nibabel's orientation utilities, so that axis 0 runs to the Right, axis 1 to
 the Anterior and axis 2 to the Superior (axial slices are ``data[:, :, z]``) whatever the on-disk layout was.
 Every problem a user can fix raises :class:`braindino.errors.InputError`; messages never quote DICOM header fields.
-ITK's console warnings are switched off while a file is read: each problem is reported once, as that InputError.
+nibabel's log messages and ITK's console warnings (which name no file) are switched off while a file is read: each
+problem is reported once, as that InputError.
 """
 
 import contextlib
 import gzip
 import hashlib
 import io
+import logging
 import os
 import struct
 import zlib
@@ -74,7 +76,7 @@ def load_volume(path: str | os.PathLike, volume_index: int | None = None) -> Vol
     if not path.exists():
         raise InputError(path, "file not found",
                          "check the path (relative manifest paths resolve against the manifest's folder)")
-    with _itk_warnings_silenced():
+    with _library_warnings_silenced():
         if path.is_dir():
             raw = _read_dicom_series(path, volume_index)
         elif path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -271,13 +273,16 @@ def _dicom_numbers(reader: sitk.ImageFileReader, tag: str, count: int) -> np.nda
 
 
 @contextlib.contextmanager
-def _itk_warnings_silenced():
-    """Switch ITK's console warnings off for the duration (restored afterwards)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+def _library_warnings_silenced():
+    """Switch nibabel's log messages and ITK's console warnings off for the duration (restored afterwards)."""
+    nibabel_log = logging.getLogger("nibabel")
+    level, shown = nibabel_log.level, sitk.ProcessObject.GetGlobalWarningDisplay()
+    nibabel_log.setLevel(logging.ERROR)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:
+        nibabel_log.setLevel(level)
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 

@@ -4,8 +4,8 @@ Worker processes hash, load and preprocess volumes (``braindino.ingest``); the p
 open shard in manifest order and commits shards and index as they fill (see :mod:`braindino.store.format`).
 A volume whose file hash matches its stored copy is skipped (its manifest columns are refreshed); a changed file
 is ingested again and replaces its old copy. Each volume that cannot be stored gets one line — file, cause, what
-to do — on the console and in ``STORE/errors.csv``; the others are stored regardless. nibabel's log messages and
-ITK's console warnings are switched off in the processes that read files, so a bad file prints that one line only.
+to do — on the console and in ``STORE/errors.csv``; the others are stored regardless (the readers keep library
+warnings, which name no file, off the console, so a bad file prints that one line only).
 
 Moved or renamed files: a stored volume that no manifest row names any more is an *orphan*. A manifest row whose
 file has the content hash (and volume_index) of an orphan reuses the orphan's stored slices without being read
@@ -15,7 +15,6 @@ does not go on using them. Orphans whose file still exists are kept (a store may
 """
 
 import json
-import logging
 import multiprocessing
 import os
 import signal
@@ -134,13 +133,6 @@ def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
     return _Outcome(task.position, "stored", columns, prepared.slices, prepared.z_indices)
 
 
-def _silence_library_warnings() -> None:
-    """Keep nibabel's log messages and ITK's console warnings (which name no file) off the console of this
-    process: every bad file is reported by its own one-line error instead."""
-    logging.getLogger("nibabel").setLevel(logging.ERROR)
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-
-
 def _prepare_worker(moved_hashes: frozenset) -> None:
     """Worker initializer: compute on one core (torch resampling, ITK filters), so that ``workers`` processes use
     ``workers`` cores; leave Ctrl-C to the parent, which commits what is done and stops the pool."""
@@ -148,7 +140,6 @@ def _prepare_worker(moved_hashes: frozenset) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    _silence_library_warnings()
     _worker_moved_hashes = moved_hashes
 
 
@@ -163,7 +154,6 @@ def _outcomes(tasks: list[_Task], workers: int, moved_hashes: frozenset):
     A worker that dies (killed for memory, say) raises ``BrokenProcessPool`` here rather than hanging the run.
     """
     if workers <= 1:
-        _silence_library_warnings()
         yield from (_ingest(task, moved_hashes) for task in tasks)
         return
     context = multiprocessing.get_context("forkserver")
@@ -223,7 +213,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
     that cannot be appended to (other preprocessing config, unknown format version, another writer running)
     raise InputError before anything is written. Per-volume problems are collected in the returned report,
     printed and written to ``out_dir/errors.csv``. Moved files and stored volumes whose files are gone are handled
-    as the module docstring says. Turns off nibabel's log messages and ITK's warnings in the reading processes.
+    as the module docstring says.
     """
     started = time.perf_counter()
     config = config or PreprocessConfig()
