@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from braindino.models import PRESETS
+
 DEFAULTS = {
     "objective": "dino",                 # dino (DINO + iBOT + KoLeo) | simclr (NT-Xent, the BrainIAC objective)
     "seed": 0,
@@ -95,7 +97,7 @@ DEFAULTS = {
 
 CHOICES = {
     "objective": ("dino", "simclr"),
-    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"),
+    "model.arch": tuple(PRESETS),
     "model.attn": ("auto", "sdpa", "xformers"),
     "model.init_from_normalisation": ("imagenet", "none"),
     "dino.teacher_target": ("sinkhorn", "centering"),
@@ -139,11 +141,10 @@ def check_types(defaults: dict, config: DictConfig, prefix: str) -> None:
         if isinstance(default, dict):
             check_types(default, value, f"{name}.")
         elif default is not None and value is not None:
-            expected = (int, float) if isinstance(default, float) else type(default)
+            expected = (list if isinstance(default, list) else
+                        (int, float) if isinstance(default, float) else type(default))
             actual = list if OmegaConf.is_list(value) else type(value)
-            if isinstance(default, list):
-                expected = list
-            if not issubclass(actual, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+            if not issubclass(actual, expected) or (actual is bool) != isinstance(default, bool):
                 raise ValueError(f"{name} must be of type {type(default).__name__}, got {value!r}")
 
 
