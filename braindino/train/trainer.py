@@ -70,10 +70,10 @@ def resume_point(run_dir: Path, resume) -> Path | None:
     return resume
 
 
-def knn_embedder(training, bf16: bool):
+def knn_embedder(training):
     """``images [B, 1, S, S] → CLS [B, D]`` through the top-level (possibly FSDP-wrapped) network."""
     def embed(images):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training.bf16):
             if training.teacher is not None:
                 return training.teacher(images, cls_only=True)
             training.student.eval()       # SimCLR: the student is the encoder; no drop path while embedding
@@ -110,13 +110,13 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     log = MetricsLog(run_dir, config, enabled=dist_info.is_main)
     knn = (OnlineKNN(store, config.train.knn_label, config.train.knn_slices_per_volume, config.seed)
            if config.train.knn_label and config.train.knn_every > 0 else None)
+    embed = knn_embedder(training)
     local_batch = int(config.optim.global_batch_size) // dist_info.world_size
     progress = tqdm(total=iters, initial=start_step, disable=not (dist_info.is_main and config.train.progress),
                     desc="pretrain", unit="step", dynamic_ncols=True)
     first_losses, last_losses, skipped_in_a_row, last_monitors, steps_timed = None, None, 0, {}, 0
     if knn is not None and start_step == 0:   # the baseline every later kNN value is read against
-        log.log(0, {"monitor/knn_accuracy_init": knn.accuracy(knn_embedder(training, training.bf16), device,
-                                                               config.crops.global_size)})
+        log.log(0, {"monitor/knn_accuracy_init": knn.accuracy(embed, device, config.crops.global_size)})
     started = step_clock = time.perf_counter()
     for step, batch in zip(range(start_step, iters), step_loader(store, config, dist_info.rank,
                                                                   dist_info.world_size, start_step)):
@@ -140,8 +140,7 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
                 last_monitors = {f"monitor/{k}": v
                                  for k, v in collapse_monitors(result.student_out, result.extra, config).items()}
             if knn is not None and (done % config.train.knn_every == 0 or done == iters):
-                last_monitors["monitor/knn_accuracy"] = knn.accuracy(knn_embedder(training, training.bf16),
-                                                                     device, config.crops.global_size)
+                last_monitors["monitor/knn_accuracy"] = knn.accuracy(embed, device, config.crops.global_size)
             if done % config.train.log_every == 0 or done == iters or last_monitors:
                 img_per_s = local_batch * steps_timed / max(time.perf_counter() - step_clock, 1e-9)
                 log.log(step, {**{f"loss/{k}": v for k, v in result.losses.items()}, **result.scheduled,
