@@ -48,12 +48,16 @@ class Volume:
 
     ``data`` is ``[X, Y, Z]`` float32 (axis 0 = R, axis 1 = A, axis 2 = S, so ``data[:, :, z]`` is an axial slice);
     ``affine`` is the ``[4, 4]`` float64 voxel->RAS-mm matrix of ``data``; ``spacing`` is mm along X, Y, Z.
+    ``native_affine`` ``[4, 4]`` and ``native_shape`` ``(i, j, k)`` describe the file's own voxel grid before
+    reorientation (``None`` for volumes built in memory), so results can be written back in the input's grid.
     """
 
     data: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, float, float]
     source_path: str
+    native_affine: np.ndarray | None = None
+    native_shape: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -351,7 +355,8 @@ def _to_canonical(path: Path, data: np.ndarray, affine: np.ndarray) -> Volume:
     canonical = np.ascontiguousarray(nib.orientations.apply_orientation(data, orientation), dtype=np.float32)
     canonical_affine = affine @ nib.orientations.inv_ornt_aff(orientation, data.shape)
     spacing = tuple(float(s) for s in np.sqrt((canonical_affine[:3, :3] ** 2).sum(axis=0)))
-    return Volume(data=canonical, affine=canonical_affine, spacing=spacing, source_path=str(path))
+    return Volume(data=canonical, affine=canonical_affine, spacing=spacing, source_path=str(path),
+                  native_affine=np.array(affine, dtype=np.float64), native_shape=tuple(int(n) for n in data.shape))
 
 
 def _trim_trailing_singletons(shape: tuple[int, ...]) -> tuple[int, ...]:
