@@ -9,6 +9,7 @@ parameters of one sample are shared by its channels. k-space operations use the 
 and keep the real part of the inverse transform; they change the spectrum conjugate-symmetrically, so that real
 part is the whole result.
 
+``augment_acquisition`` (slice level, before cropping) and ``augment_appearance`` (per crop) split the chain;
 ``augment_intensity`` chains them in acquisition order — gamma (tissue contrast), bias field (coil sensitivity),
 Gibbs ringing, ghosting, spike (k-space artefacts), blur, noise, then intensity scale/shift (windowing) — and clamps
 the result to ``OUTPUT_RANGE``.
@@ -295,23 +296,44 @@ def random_blur(
     return apply_to_selected(images, selected, gaussian_blur, sigmas)
 
 
-def augment_intensity(
+def augment_acquisition(
     images: torch.Tensor, config: IntensityAugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """All intensity augmentations of ``config`` in acquisition order, then a clamp to ``OUTPUT_RANGE``.
+    """What the scanner does to a whole slice: gamma (tissue contrast), bias field (coil sensitivity), Gibbs
+    ringing, ghosting and spike (k-space artefacts). Apply it at the slice's own sampling, *before* cropping, so a
+    small crop carries the share of the field or ringing pattern that covers it, not a whole head's worth.
 
-    images ``[B, C, H, W]`` float -> same shape; ``generator`` must be on ``images.device``.
+    images ``[B, C, H, W]`` float -> same shape (not clamped); ``generator`` must be on ``images.device``.
     """
     check_image_batch(images)
     check_generator(generator, images.device)
     if images.shape[0] == 0:
-        return images.clamp(*OUTPUT_RANGE)
+        return images
     images = random_gamma(images, generator, config.p_gamma, config.log_gamma)
     images = random_bias_field(images, generator, config.p_bias_field, config.bias_coefficient, config.bias_order)
     images = random_gibbs(images, generator, config.p_gibbs, config.gibbs_keep_fraction)
     images = random_ghosting(images, generator, config.p_ghosting, config.ghost_count, config.ghost_intensity)
-    images = random_spike(images, generator, config.p_spike, config.spike_intensity)
+    return random_spike(images, generator, config.p_spike, config.spike_intensity)
+
+
+def augment_appearance(
+    images: torch.Tensor, config: IntensityAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """What happens at the crop's own resolution: blur, noise, intensity scale/shift, then a clamp to
+    ``OUTPUT_RANGE``. images ``[B, C, H, W]`` float -> same shape."""
+    check_image_batch(images)
+    check_generator(generator, images.device)
+    if images.shape[0] == 0:
+        return images.clamp(*OUTPUT_RANGE)
     images = random_blur(images, generator, config.p_blur, config.blur_sigma)
     images = random_noise(images, generator, config.p_noise, config.noise_std)
     images = random_contrast(images, generator, config.p_contrast, config.scale, config.shift)
     return images.clamp(*OUTPUT_RANGE)
+
+
+def augment_intensity(
+    images: torch.Tensor, config: IntensityAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """All intensity augmentations of ``config`` in acquisition order (``augment_acquisition`` then
+    ``augment_appearance``), clamped to ``OUTPUT_RANGE``. images ``[B, C, H, W]`` float -> same shape."""
+    return augment_appearance(augment_acquisition(images, config, generator), config, generator)

@@ -1,7 +1,8 @@
 """The DINO multi-crop view generator: global and local crops of every slice, each intensity-augmented.
 
 Every crop gets its own geometry (``braindino.augment.geometry``) and its own intensity augmentation
-(``braindino.augment.intensity``); all crops of one type are produced by one batched resampling on the images'
+(``braindino.augment.intensity``): the scanner's effects (gamma, bias field, Gibbs ringing, ghosting, spike) on its
+copy of the whole slice before cropping, blur/noise/contrast on the crop; all crops of one type are produced by one batched resampling on the images'
 device. Outputs are crop-major: rows ``[c * B:(c + 1) * B]`` hold crop ``c`` of images ``0..B-1``.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from braindino.augment.geometry import apply_crops, sample_crop_parameters
-from braindino.augment.intensity import IntensityAugmentConfig, augment_intensity
+from braindino.augment.intensity import IntensityAugmentConfig, augment_acquisition, augment_appearance
 from braindino.augment.sampling import check_generator, check_image_batch
 
 
@@ -57,7 +58,8 @@ class MultiCropAugmentation:
     def _crops(
         self, images: torch.Tensor, n_crops: int, size: int, scale: tuple, generator: torch.Generator
     ) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[n_crops * B, C, size, size]`` crop-major, geometry then intensity."""
+        """``[B, C, H, W]`` -> ``[n_crops * B, C, size, size]`` crop-major: slice-level acquisition effects,
+        then geometry, then per-crop appearance."""
         config = self.config
         parameters = sample_crop_parameters(
             n_crops * images.shape[0],
@@ -69,8 +71,8 @@ class MultiCropAugmentation:
             generator,
             images.device,
         )
-        crops = apply_crops(images.repeat(n_crops, 1, 1, 1), parameters, size)
-        return augment_intensity(crops, config.intensity, generator)
+        acquired = augment_acquisition(images.repeat(n_crops, 1, 1, 1), config.intensity, generator)
+        return augment_appearance(apply_crops(acquired, parameters, size), config.intensity, generator)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         check_image_batch(images)

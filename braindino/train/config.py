@@ -36,6 +36,10 @@ DEFAULTS = {
         "student_temp": 0.1,
         "freeze_last_layer_iters": 1250,
     },
+    # Loss weights vs DINOv2 at equal values: our iBOT loss is averaged over the *masked* images (DINOv2: over all
+    # global crops) and our KoLeo is averaged over the two global crops (DINOv2: summed). DINOv2's weights w_ibot,
+    # w_koleo therefore map to ibot.loss_weight = w_ibot * ibot.mask_sample_probability and
+    # koleo.loss_weight = 2 * w_koleo (e.g. DINOv2's 1.0 / 0.1 at probability 0.5 -> 0.5 / 0.2).
     "ibot": {
         "loss_weight": 1.0,              # 0 disables masking and the patch loss
         "separate_head": False,

@@ -34,6 +34,11 @@ class DINOStudent(nn.Module):
             out["ibot"] = self.ibot_head(features["patch"][masks])
         return out
 
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Prototype weights of every head (DINO, and iBOT when separate), kept fixed during the first iterations."""
+        heads = [self.dino_head] + ([self.ibot_head] if self.ibot_head not in (None, self.dino_head) else [])
+        return [parameter for head in heads for parameter in head.last_layer_parameters()]
+
 
 class DINOTeacher(nn.Module):
     """The EMA copy of the student; sees only the unmasked global crops, never receives gradients."""

@@ -132,8 +132,7 @@ class TrainingStep:
         self.augment = MultiCropAugmentation(multicrop_config(config))
         self.grid = (config.crops.global_size // config.model.patch_size,) * 2
         self.uses_masks = config.objective == "dino" and config.ibot.loss_weight > 0
-        self.last_layer = (training.student_module.dino_head.last_layer_parameters()
-                           if training.teacher is not None else [])
+        self.last_layer = (training.student_module.last_layer_parameters() if training.teacher is not None else [])
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if training.bf16 else contextlib.nullcontext()
 
     def __call__(self, step: int, batch: torch.Tensor) -> StepResult:
