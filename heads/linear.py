@@ -1,0 +1,133 @@
+"""Linear heads on pooled features ``[V, D]``: standardisation + a penalised linear model whose penalty is chosen by
+inner cross-validation on the training data only (nothing of a test fold is ever seen)."""
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+from heads.targets import check_task, survival_arrays, survival_scorer
+
+LOGISTIC_CS = tuple(np.logspace(-4, 2, 13))      # inverse L2 strength on standardised features
+RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
+COX_ALPHAS = tuple(np.logspace(-1, 4, 11))       # ridge penalty on the (summed) Cox log partial likelihood
+FALLBACK_C = 1.0                            # used when a class (or the events) is too rare for inner folds
+FALLBACK_COX_ALPHA = 10.0
+
+
+def make_linear_head(task: str, inner_cv: int = 5, random_state: int = 0) -> Pipeline:
+    """A ``StandardScaler`` + linear model pipeline for ``task``; ``fit(X [V, D], y)``, ``predict(X) -> [V]``.
+
+    - classification: :class:`LogisticRegressionInnerCV` (``C`` by stratified inner CV on log loss; ``predict_proba``)
+    - regression: ``RidgeCV`` (``alpha`` by efficient leave-one-out CV)
+    - survival: :class:`CoxPHInnerCV` (ridge ``alpha`` by inner CV on the C-index); ``predict`` → risk score
+    """
+    check_task(task)
+    if task == "classification":
+        model = LogisticRegressionInnerCV(inner_cv=inner_cv, random_state=random_state)
+    elif task == "regression":
+        model = RidgeCV(alphas=RIDGE_ALPHAS)
+    else:
+        model = CoxPHInnerCV(inner_cv=inner_cv, random_state=random_state)
+    return make_pipeline(StandardScaler(), model)
+
+
+def inner_folds(groups: np.ndarray, inner_cv: int, random_state: int) -> StratifiedKFold | None:
+    """Stratified inner folds over class labels ``groups`` ``[V]``, or None if impossible.
+
+    The number of folds is ``min(inner_cv, smallest group count)``, so every fold holds every group; with a group
+    of one member no stratified split exists and the caller falls back to a fixed penalty.
+    """
+    n_splits = min(inner_cv, int(np.unique(groups, return_counts=True)[1].min()))
+    if n_splits < 2:
+        return None
+    return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+
+
+class LogisticRegressionInnerCV(ClassifierMixin, BaseEstimator):
+    """L2 logistic regression on ``[V, D]`` with ``C`` chosen from ``Cs`` by stratified inner CV (log loss).
+
+    Fitted attributes: ``C_`` (chosen), ``estimator_`` (LogisticRegression refitted on all data), ``classes_``.
+    """
+
+    def __init__(self, Cs=LOGISTIC_CS, inner_cv: int = 5, random_state: int = 0, max_iter: int = 2000):
+        self.Cs = Cs
+        self.inner_cv = inner_cv
+        self.random_state = random_state
+        self.max_iter = max_iter
+
+    def fit(self, X, y):
+        y = np.asarray(y)
+        if np.unique(y).size < 2:
+            raise ValueError("classification needs at least two classes in the training data")
+        model = LogisticRegression(max_iter=self.max_iter)
+        folds = inner_folds(y, self.inner_cv, self.random_state)
+        if folds is None:
+            self.C_ = FALLBACK_C
+            self.estimator_ = model.set_params(C=FALLBACK_C).fit(X, y)
+        else:
+            search = GridSearchCV(model, {"C": list(self.Cs)}, cv=folds, scoring="neg_log_loss").fit(X, y)
+            self.C_ = float(search.best_params_["C"])
+            self.estimator_ = search.best_estimator_
+        self.classes_ = self.estimator_.classes_
+        self.n_features_in_ = self.estimator_.n_features_in_
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return self.estimator_.predict(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """``[V, n_classes]`` class probabilities, columns in ``classes_`` order."""
+        return self.estimator_.predict_proba(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        return self.estimator_.decision_function(X)
+
+
+class CoxPHInnerCV(BaseEstimator):
+    """Ridge-penalised Cox model (scikit-survival, Breslow ties) with ``alpha`` from ``alphas`` chosen by inner CV
+    on the C-index (folds: see ``_folds``). ``predict(X [V, D]) -> [V]`` risk (higher = earlier event).
+
+    Fitted attributes: ``alpha_`` (chosen), ``estimator_`` (CoxPHSurvivalAnalysis refitted on all data).
+    """
+
+    def __init__(self, alphas=COX_ALPHAS, inner_cv: int = 5, random_state: int = 0):
+        self.alphas = alphas
+        self.inner_cv = inner_cv
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        _, event = survival_arrays(y)
+        if not event.any():
+            raise ValueError("survival needs at least one event in the training data")
+        folds = self._folds(event)
+        if folds is None:
+            self.alpha_ = FALLBACK_COX_ALPHA
+            self.estimator_ = CoxPHSurvivalAnalysis(alpha=FALLBACK_COX_ALPHA).fit(X, y)
+        else:
+            search = GridSearchCV(CoxPHSurvivalAnalysis(), {"alpha": list(self.alphas)},
+                                  cv=folds, scoring=survival_scorer).fit(X, y)
+            self.alpha_ = float(search.best_params_["alpha"])
+            self.estimator_ = search.best_estimator_
+        self.n_features_in_ = self.estimator_.n_features_in_
+        return self
+
+    def _folds(self, event: np.ndarray) -> list | None:
+        """Inner (train, test) index pairs with events in every fold: ``min(inner_cv, n_events)`` folds,
+        stratified by the event flag when there are enough censored volumes; None with fewer than 2 events."""
+        n_splits = min(self.inner_cv, int(event.sum()))
+        if n_splits < 2:
+            return None
+        if (~event).sum() >= n_splits:
+            return list(StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state).split(event, event))
+        return list(KFold(n_splits, shuffle=True, random_state=self.random_state).split(event))
+
+    def predict(self, X) -> np.ndarray:
+        return self.estimator_.predict(X)
+
+    def score(self, X, y) -> float:
+        """Harrell's C-index."""
+        return survival_scorer(self, X, y)
