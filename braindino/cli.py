@@ -12,6 +12,10 @@ SUBCOMMANDS = {
     "synth": ("braindino.synth.command", "generate the embedded synthetic brain-MRI cohort (NIfTI + manifest.csv)"),
     "prepare": ("braindino.store.command", "ingest a manifest's volumes into a memory-mapped slice store"),
     "train": ("braindino.train.command", "self-supervised pretraining (DINO/iBOT/KoLeo or SimCLR) on a slice store"),
+    "export": ("braindino.encoder.command", "export a training checkpoint's backbone as a timm local-dir model folder"),
+    "extract": ("braindino.extract.command", "embed a manifest's volumes with a frozen encoder into a features folder"),
+    "probe": ("braindino.probe.command", "probe a frozen encoder on labelled endpoints: metrics with CIs, "
+                                         "baselines on the same splits, report"),
     "demo": ("braindino.demo", "run the main job end to end on the embedded synthetic cohort"),
 }
 

@@ -4,22 +4,31 @@ A checkpoint holds everything a resumed run needs to continue bit-identically: s
 loss state (teacher centres), the next step to run (the data order and the per-step random streams are pure
 functions of the step, see ``braindino.train.data``), and the global RNG states. It is a plain dict of tensors
 and Python scalars, read back with ``torch.load(weights_only=True)``.
+
+It also holds ``"provenance"`` (plain str / numbers / dicts, see :func:`training_provenance`): what
+``braindino export`` needs to describe the model (preprocessing, input size, architecture) and where it came from.
 """
 
+import hashlib
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                       get_optimizer_state_dict, set_model_state_dict,
                                                       set_optimizer_state_dict)
 
 from braindino.atomic import atomic_path
+from braindino.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+REQUIRED_KEYS = ("next_step", "student", "optimizer", "objective", "rng")
+NOT_A_CHECKPOINT_HINT = "give a RUN/checkpoints/step-*.pt file written by braindino train"
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -92,7 +101,59 @@ def write_checkpoint(run_dir, state: dict, keep_last: int) -> Path:
 
 
 def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint with ``weights_only=True``; raises InputError (one line) for any other file."""
+    try:
+        with warnings.catch_warnings():   # torch warns about unusual pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "checkpoint file not found", NOT_A_CHECKPOINT_HINT) from None
+    except Exception as err:   # garbage, a truncated file, or a pickle that needs more than tensors and containers
+        raise InputError(path, f"not a braindino checkpoint ({type(err).__name__})", NOT_A_CHECKPOINT_HINT) from None
+    missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise InputError(path, f"not a braindino checkpoint (no {', '.join(missing)})", NOT_A_CHECKPOINT_HINT)
+    return state
+
+
+def store_fingerprint(store) -> str:
+    """16 hex: sha256 over the store's preprocessing and its volumes' (content_hash, volume_index), sorted."""
+    volumes = store.volumes
+    indices = volumes["volume_index"] if "volume_index" in volumes.columns else [None] * len(volumes)
+    entries = sorted(f"{digest}#{'' if pd.isna(index) else int(index)}"
+                     for digest, index in zip(volumes["content_hash"], indices))
+    text = repr((sorted(store.preprocessing.items()), entries))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_provenance(config, store, config_yaml: str) -> dict:
+    """What export needs, as plain values: preprocessing, input size, architecture, objective, origin.
+
+    ``init_from_normalisation_folded`` is True when ``model.init_from`` weights were loaded with an input
+    normalisation folded into the patch embedding (the exported model then still takes [0, 1] slices).
+    """
+    from braindino import __version__
+
+    model = config.model
+    return {
+        "braindino_version": __version__,
+        "objective": str(config.objective),
+        "iters": int(config.optim.iters),
+        "config_yaml": config_yaml,
+        "preprocessing": dict(store.preprocessing),
+        "store_path": str(Path(store.root).resolve()),
+        "store_fingerprint": store_fingerprint(store),
+        "store_volumes": int(len(store.volumes)),
+        "store_slices": int(len(store)),
+        "input_size": int(config.crops.global_size),
+        "arch": str(model.arch),
+        "patch_size": int(model.patch_size),
+        "depth": None if model.depth is None else int(model.depth),
+        "num_register_tokens": int(model.num_register_tokens),
+        "layerscale_init": None if model.layerscale_init is None else float(model.layerscale_init),
+        "init_from": None if not model.init_from else str(model.init_from),
+        "init_from_normalisation_folded": bool(model.init_from) and model.init_from_normalisation != "none",
+    }
 
 
 def restore_training_state(state: dict, student, teacher, optimizer, objective) -> int:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from braindino import monitors
@@ -98,6 +99,7 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     if checkpoint_path is not None:
         start_step = ckpt.restore_training_state(ckpt.load_checkpoint(checkpoint_path), training.student,
                                                  training.teacher, training.optimizer, training.objective)
+    provenance = ckpt.training_provenance(config, store, OmegaConf.to_yaml(config, resolve=True))
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -153,8 +155,10 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
         if done % config.train.checkpoint_every == 0 or done == iters:
             state = ckpt.gather_training_state(training.student, training.teacher, training.optimizer,
                                                training.objective, done)
+            state["provenance"] = {**provenance, "steps": done}
             if dist_info.is_main:
                 ckpt.write_checkpoint(run_dir, state, config.train.keep_last)
+                atomic_write_json(run_dir / "provenance.json", state["provenance"])
             barrier()
     progress.close()
     log.close()
