@@ -1,0 +1,214 @@
+"""Run one endpoint's protocol for every encoder on the same splits: fit heads, predict, score, compare.
+
+A *cell* is (encoder, setting, seed): the head is fitted on each fold's training subset and predicts that fold's
+test subjects; the folds' predictions are pooled and put in subject-table order, so every encoder, seed and
+setting of an endpoint is scored on the same subjects in the same order (CV: all subjects; split: the test
+subjects), which makes the bootstrap paired. Cells run in parallel worker processes (joblib).
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from joblib import Parallel, delayed
+from threadpoolctl import threadpool_limits
+
+from braindino.errors import InputError
+from braindino.probe import metrics as M
+from braindino.probe.fitting import fit_predict, head_parameters, make_head
+from braindino.probe.protocols import Setting, make_folds, strata, subsample
+from braindino.probe.results import Aggregate, Comparison, EndpointResult, MetricValue, Score
+
+BOOTSTRAP_SEED = 20240
+
+
+@dataclass
+class Plan:
+    """The splits of one endpoint: ``folds[seed]`` [Fold], ``subsets[(setting name, seed)]`` = per-fold training
+    positions, ``settings`` actually run, ``notes`` on settings skipped."""
+
+    folds: dict
+    subsets: dict
+    settings: list
+    notes: list
+
+
+def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int, explicit_shots: bool,
+                  where) -> Plan:
+    """Folds and training subsets for every (setting, seed); raises InputError when the protocol is impossible."""
+    task, name = table.spec.task, table.spec.name
+    stratum = strata(task, table.y)
+    n = len(table.subjects)
+    if table.split is None and n < n_folds:
+        raise InputError(where, f"endpoint {name!r}: {n} subjects for {n_folds}-fold cross-validation",
+                         "label more subjects or pass a smaller --folds")
+    if table.split is not None and ((table.split == "test").all() or not (table.split == "test").any()):
+        raise InputError(where, f"endpoint {name!r}: the split column needs training (train/val) and test "
+                                f"subjects", "assign both, or empty the split column to use cross-validation")
+    if task == "survival" and not table.y["event"].any():
+        raise InputError(where, f"endpoint {name!r}: no event among the subjects", "survival needs observed events")
+    folds = {seed: make_folds(table.subjects, table.split, stratum, n_folds, seed) for seed in seeds}
+    kept, notes, subsets = [], [], {}
+    for setting in settings:
+        if setting.kind == "shot" and task != "classification":
+            if explicit_shots:
+                raise InputError(where, f"endpoint {name!r}: k-shot needs classes",
+                                 "use --shots with classification only (fractions work for every task)")
+            continue
+        problem = _infeasible(table, stratum, folds, setting)
+        if problem and (setting.kind != "shot" or explicit_shots):
+            raise InputError(where, f"endpoint {name!r}: {problem}", "label more subjects or change the protocol")
+        if problem:
+            notes.append(f"{setting.name} skipped: {problem}")
+            continue
+        kept.append(setting)
+        for seed in seeds:
+            subsets[(setting.name, seed)] = [
+                subsample(fold.train, stratum, setting, _subset_seed(seed, k, setting), task == "classification")
+                for k, fold in enumerate(folds[seed])]
+    return Plan(folds, subsets, kept, notes)
+
+
+def _infeasible(table, stratum, folds, setting: Setting) -> str | None:
+    if table.spec.task != "classification":
+        return None
+    n_classes = len(table.classes)
+    if n_classes < 2:
+        return f"one class only ({table.classes[0]})"
+    for seed_folds in folds.values():
+        for fold in seed_folds:
+            counts = np.bincount(stratum[fold.train], minlength=n_classes)
+            where = "in training" if fold.name == "test" else f"in the training part of {fold.name}"
+            if (counts == 0).any():
+                missing = table.classes[int(np.argmin(counts))]
+                return f"class {missing} has no subject {where}" + (" (one class in training)"
+                                                                    if (counts > 0).sum() < 2 else "")
+            if setting.kind == "shot" and counts.min() < setting.amount:
+                short = int(np.argmin(counts))
+                return (f"{setting.name} needs {int(setting.amount)} subjects of class {table.classes[short]} "
+                        f"{where}, found {counts.min()}")
+    return None
+
+
+def _subset_seed(seed: int, fold: int, setting: Setting) -> int:
+    return int(np.random.SeedSequence([seed, fold, int(setting.kind == "shot"),
+                                       int(round(setting.amount * 1000))]).generate_state(1)[0])
+
+
+def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int) -> dict:
+    """Fit + predict every fold of one cell → dict(pred: prediction set in subject order, positions [m],
+    fold_names [m], head_parameters, n_train (mean over folds))."""
+    parts, positions, names, sizes, n_head = [], [], [], [], 0
+    for fold, train in zip(folds, subsets):
+        estimator = make_head(task, spec.head, spec.pooling, seed)
+        parts.append(fit_predict(task, estimator, inputs, y, train, fold.test, n_classes))
+        n_head = head_parameters(estimator)
+        positions.append(fold.test)
+        names += [fold.name] * len(fold.test)
+        sizes.append(len(train))
+    positions = np.concatenate(positions)
+    order = np.argsort(positions, kind="stable")
+    pred = {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
+    return {"pred": pred, "positions": positions[order], "fold_names": np.array(names)[order],
+            "head_parameters": n_head, "n_train": float(np.mean(sizes))}
+
+
+def score_cell(task: str, pred: dict, n_bootstrap: int, confidence: float) -> dict:
+    """{metric: (value, low, high)} with the endpoint-wide seeded bootstrap draws."""
+    draws = M.bootstrap_indices(len(next(iter(pred.values()))), n_bootstrap, BOOTSTRAP_SEED)
+    return M.score_with_ci(task, pred, draws, confidence)
+
+
+def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int], n_bootstrap: int,
+                      confidence: float, workers: int, progress) -> tuple[EndpointResult, list[dict]]:
+    """Every cell of one endpoint → (EndpointResult, cell outputs for predictions.csv).
+
+    encoders: [{"name", "parameters", "inputs"}] (the model first); ``progress``: a tqdm-like bar (``update``).
+    """
+    spec, task = table.spec, table.spec.task
+    n_classes = len(table.classes) if table.classes else None
+    cells = [(encoder, setting, seed) for encoder in encoders for setting in plan.settings for seed in seeds]
+    jobs = (delayed(_cell_job)(task, spec, encoder["inputs"], table.y, plan.folds[seed],
+                               plan.subsets[(setting.name, seed)], n_classes, seed, n_bootstrap, confidence,
+                               os.getpid())
+            for encoder, setting, seed in cells)
+    outputs = []
+    for output in Parallel(n_jobs=workers, return_as="generator")(jobs):
+        outputs.append(output)
+        progress.update(1)
+    metric_names = M.metric_names(task)
+    result = EndpointResult(
+        name=spec.name, task=task, target=spec.target, time=spec.time, event=spec.event, mask=spec.mask,
+        sequences=table.sequences, fusion=spec.fusion, pooling=spec.pooling,
+        head="attention-mil" if spec.pooling == "mil" else spec.head,
+        protocol="cv" if table.split is None else "split", folds=plan_folds(plan), n_subjects=len(table.subjects),
+        dropped=dict(table.dropped), classes=table.classes, metrics=metric_names, headline=M.HEADLINE[task],
+        higher_is_better={m: m not in M.LOWER_IS_BETTER for m in metric_names},
+        settings=[s.name for s in plan.settings], notes=list(plan.notes))
+    rows = []
+    for (encoder, setting, seed), output in zip(cells, outputs):
+        total = output["head_parameters"] + encoder["parameters"]
+        result.scores.append(Score(
+            encoder=encoder["name"], setting=setting.name, kind=setting.kind, amount=setting.amount, seed=seed,
+            n_train=output["n_train"], n_test=len(output["positions"]),
+            metrics={m: MetricValue(*output["scores"][m]) for m in metric_names},
+            head_parameters=output["head_parameters"],
+            fraction_trained=output["head_parameters"] / total if total else 1.0))
+        rows.append({"encoder": encoder["name"], "setting": setting, "seed": seed, **output})
+    result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds)
+    by_cell = {(row["encoder"], row["setting"].name, row["seed"]): row["pred"] for row in rows}
+    result.comparisons = compare(task, result, encoders, seeds, by_cell, n_bootstrap, confidence, workers)
+    return result, rows
+
+
+def _cell_job(task, spec, inputs, y, folds, subsets, n_classes, seed, n_bootstrap, confidence,
+              parent_pid: int) -> dict:
+    """One cell with single-threaded BLAS (small matrices: threads only contend) and, in a worker process,
+    single-threaded torch (the workers already use the cores)."""
+    if os.getpid() != parent_pid and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    with threadpool_limits(limits=1):
+        output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed)
+        output["scores"] = score_cell(task, output["pred"], n_bootstrap, confidence)
+    return output
+
+
+def plan_folds(plan: Plan) -> int | None:
+    first = next(iter(plan.folds.values()))
+    return None if first[0].name == "test" else len(first)
+
+
+def aggregate(result: EndpointResult, encoder_names: list[str], seeds: list[int]) -> list[Aggregate]:
+    """Mean ± std (ddof 0) over seeds of every metric, per encoder and setting (NaN seeds left out)."""
+    items = []
+    for encoder in encoder_names:
+        for setting in result.settings:
+            for metric in result.metrics:
+                values = np.array([result.score(encoder, setting, seed).metrics[metric].value for seed in seeds])
+                values = values[np.isfinite(values)]
+                items.append(Aggregate(encoder, setting, metric, float(values.mean()) if len(values) else float("nan"),
+                                       float(values.std()) if len(values) else float("nan"), int(len(values))))
+    return items
+
+
+def compare(task: str, result: EndpointResult, encoders: list[dict], seeds: list[int], by_cell: dict,
+            n_bootstrap: int, confidence: float, workers: int) -> list[Comparison]:
+    """Paired bootstrap of the model (``encoders[0]``) vs each baseline, per setting, on the headline metric."""
+    model = encoders[0]["name"]
+    pairs = [(setting, baseline["name"]) for setting in result.settings for baseline in encoders[1:]]
+    metric = result.headline
+
+    def one(setting, baseline):
+        with threadpool_limits(limits=1):
+            return _one(setting, baseline)
+
+    def _one(setting, baseline):
+        model_preds = [by_cell[(model, setting, seed)] for seed in seeds]
+        baseline_preds = [by_cell[(baseline, setting, seed)] for seed in seeds]
+        n = len(next(iter(model_preds[0].values())))
+        draws = M.bootstrap_indices(n, n_bootstrap, BOOTSTRAP_SEED + 1)
+        diff, low, high, p = M.paired_bootstrap(task, metric, model_preds, baseline_preds, draws, confidence)
+        return Comparison(metric, setting, model, baseline, diff, low, high, p, n, n_bootstrap)
+
+    return list(Parallel(n_jobs=workers)(delayed(one)(setting, baseline) for setting, baseline in pairs))

@@ -1,0 +1,98 @@
+"""Head inputs per subject from a features folder: slice bags, pooling, multi-sequence fusion.
+
+A volume's bag is ``[S, 2D]``: each slice's CLS token concatenated with its mean patch token. The CLS token carries
+the encoder's global summary of the slice, the mean patch token the average of its local features; a linear head
+over both can weight whichever of the two carries the endpoint (cheap: the features are cached anyway).
+
+Fusion of a subject's sequences (in the endpoint's order): pooled heads pool each sequence's bag, then ``concat``
+the pooled vectors (``[n_seq·P]``) or take their ``mean`` (``[P]``); attention-MIL ``concat`` stacks the sequences'
+slices into one bag (``[ΣS, 2D]``), ``mean`` averages the sequences' slice features at the axial positions (z) all
+of them have (``[S∩, 2D]``).
+"""
+
+import numpy as np
+import pandas as pd
+
+from braindino.errors import InputError
+from braindino.probe.endpoints import SubjectTable
+
+
+def feature_rows(features, manifest) -> dict[int, int]:
+    """{manifest row index: features index position} for the manifest rows the features folder holds, matched on
+    (absolute path, volume_index)."""
+    def key(path, volume_index):
+        return (str(path), None if pd.isna(volume_index) else int(volume_index))
+    index = features.index
+    volume_indices = index["volume_index"] if "volume_index" in index.columns else [None] * len(index)
+    position = {key(p, v): i for i, (p, v) in enumerate(zip(index["path"], volume_indices))}
+    manifest_indices = manifest["volume_index"] if "volume_index" in manifest.columns else [None] * len(manifest)
+    found = {}
+    for row, path, volume_index in zip(manifest.index, manifest["path"], manifest_indices):
+        i = position.get(key(path, volume_index))
+        if i is not None:
+            found[int(row)] = i
+    return found
+
+
+def volume_bag(loaded: dict) -> np.ndarray:
+    """``[S, 2D]`` float32: CLS ``[S, D]`` ‖ mean patch ``[S, D]`` of one volume's features."""
+    return np.concatenate([loaded["cls"], loaded["mean_patch"]], axis=1).astype(np.float32)
+
+
+class SubjectBags:
+    """Every subject's per-sequence bags for one encoder.
+
+    ``bags[i][sequence]`` = ``[S, 2D]``; ``z[i][sequence]`` = ``[S]`` axial indices; subjects in table order.
+    """
+
+    def __init__(self, table: SubjectTable, features, rows: dict[int, int]):
+        self.sequences = table.sequences
+        self.bags, self.z = [], []
+        for subject_rows in table.rows:
+            bags, zs = {}, {}
+            for sequence, row in subject_rows.items():
+                loaded = features.load(rows[row])
+                bags[sequence] = volume_bag(loaded)
+                zs[sequence] = np.asarray(loaded["z"])
+            self.bags.append(bags)
+            self.z.append(zs)
+
+    def pooled(self, method: str, fusion: str) -> np.ndarray:
+        """``[n, P]`` pooled, fused inputs: P = n_seq × width (concat) or width (mean); width = 2D (mean, max)
+        or 4D (meanmax)."""
+        from heads import SlicePooling
+
+        per_sequence = []
+        for sequence in self.sequences:
+            bags = [subject[sequence] for subject in self.bags]
+            per_sequence.append(SlicePooling(method).fit(bags).transform(bags))
+        stacked = np.stack(per_sequence)                       # [n_seq, n, width]
+        if fusion == "mean":
+            return stacked.mean(axis=0).astype(np.float32)
+        return np.concatenate(list(stacked), axis=1).astype(np.float32)
+
+    def mil(self, fusion: str, where="features") -> list[np.ndarray]:
+        """One bag per subject: ``[ΣS, 2D]`` (concat) or ``[S∩, 2D]`` at shared z (mean)."""
+        fused = []
+        for subject_bags, subject_z in zip(self.bags, self.z):
+            if fusion == "concat" or len(self.sequences) == 1:
+                fused.append(np.concatenate([subject_bags[s] for s in self.sequences]))
+                continue
+            shared = set.intersection(*(set(subject_z[s].tolist()) for s in self.sequences))
+            if not shared:
+                raise InputError(where, "the sequences of a subject share no axial slice, so their slice "
+                                        "features cannot be averaged", "use --fusion concat")
+            shared = sorted(shared)
+            positions = [{int(z): i for i, z in enumerate(subject_z[s])} for s in self.sequences]
+            fused.append(np.mean([subject_bags[s][[where_z[z] for z in shared]]
+                                  for s, where_z in zip(self.sequences, positions)], axis=0))
+        return fused
+
+
+def check_fingerprint(features, encoder, where) -> None:
+    """Raise InputError when a features folder was made by another model than ``encoder``."""
+    made_by = features.model.get("fingerprint")
+    if made_by != encoder.fingerprint:
+        raise InputError(where, f"features were made by {features.model.get('name')!r} [{made_by}], not by "
+                                f"{encoder.name!r} [{encoder.fingerprint}]",
+                         "extract features with this --model, or pass the model that made them")

@@ -1,0 +1,172 @@
+"""Endpoint metrics (scikit-learn / scikit-survival / scipy), subject-bootstrap CIs and paired bootstrap tests.
+
+A *prediction set* is a dict of per-subject arrays, one row per test subject (index ``i`` = subject ``i``):
+
+- classification: ``y_true`` [n] int class codes 0..C-1, ``prob`` [n, C] float (rows sum to 1)
+- regression:     ``y_true`` [n] float, ``y_pred`` [n] float
+- survival:       ``time`` [n] float > 0, ``event`` [n] bool, ``risk`` [n] float (higher = earlier event),
+                  ``high_risk`` [n] bool (risk above the TRAINING-set median risk)
+- segmentation:   ``dice`` [n, L] float, per-subject Dice of each foreground label (NaN where the label is absent
+                  from both the true and the predicted mask); ``labels`` [L] int
+
+Bootstrap resamples subjects with replacement (same seeded draws for every encoder, so tests are paired); a
+resample where a metric is undefined (e.g. one class only) is left out of that metric's interval.
+"""
+
+import warnings
+
+import numpy as np
+import sklearn
+from scipy.stats import pearsonr
+from sklearn.metrics import balanced_accuracy_score, f1_score, mean_absolute_error, roc_auc_score
+from sksurv.compare import compare_survival
+from sksurv.exceptions import NoComparablePairException
+from sksurv.metrics import concordance_index_censored
+
+METRICS = {
+    "classification": ("balanced_accuracy", "auc", "f1_macro"),
+    "regression": ("mae", "pearson_r"),
+    "survival": ("c_index", "logrank_p"),
+}
+HEADLINE = {"classification": "balanced_accuracy", "regression": "mae", "survival": "c_index",
+            "segmentation": "dice_mean"}
+LOWER_IS_BETTER = {"mae", "logrank_p"}
+NOT_BOOTSTRAPPED = {"logrank_p"}          # a p-value has no confidence interval
+
+
+def metric_names(task: str, labels=()) -> list[str]:
+    """Metric names of a task in report order; segmentation: dice_mean then dice_<label> per foreground label."""
+    if task == "segmentation":
+        return ["dice_mean"] + [f"dice_{label}" for label in labels]
+    return list(METRICS[task])
+
+
+def compute_metrics(task: str, pred: dict, index: np.ndarray | None = None, names=None) -> dict[str, float]:
+    """Metrics ``names`` (default: all of ``task``) on the subjects ``index`` [m] (all when None) of a prediction
+    set; NaN where a metric is undefined on those subjects."""
+    subset = pred if index is None else {key: (value if key == "labels" else value[index])
+                                         for key, value in pred.items()}
+    if task == "segmentation":
+        values = _segmentation(subset["dice"], subset["labels"])
+        return values if names is None else {name: values[name] for name in names}
+    if task not in METRICS:
+        raise ValueError(f"unknown task {task!r}")
+    return {name: float(_METRIC_FUNCTIONS[name](subset)) for name in (names or METRICS[task])}
+
+
+def dice_per_label(true_mask: np.ndarray, pred_mask: np.ndarray, labels) -> np.ndarray:
+    """Dice of each label [L] between two integer masks of one shape (sklearn F1 over voxels; NaN if absent in both)."""
+    return np.asarray(f1_score(true_mask.ravel(), pred_mask.ravel(), labels=list(labels), average=None,
+                               zero_division=np.nan), dtype=float)
+
+
+def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """[n_resamples, n] subject indices drawn with replacement (seeded: the same draws for every encoder)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def score_with_ci(task: str, pred: dict, draws: np.ndarray, confidence: float = 0.95) -> dict[str, tuple]:
+    """{metric: (value, low, high)}: point estimate on all subjects and percentile bootstrap CI over ``draws``
+    [B, n]; low/high are None for metrics without a CI (logrank_p) or when every resample was undefined."""
+    point = compute_metrics(task, pred)
+    names = [name for name in point if name not in NOT_BOOTSTRAPPED]
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):   # inputs checked once above
+        samples = np.array([list(compute_metrics(task, pred, index, names).values()) for index in draws])
+    samples = samples.reshape(len(draws), len(names))
+    result = {name: (point[name], None, None) for name in point}
+    for column, name in enumerate(names):
+        values = samples[:, column]
+        values = values[np.isfinite(values)]
+        if len(values):
+            low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+            result[name] = (point[name], float(low), float(high))
+    return result
+
+
+def paired_bootstrap(task: str, metric: str, model_preds: list[dict], baseline_preds: list[dict],
+                     draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Paired test of model vs baseline on the same subjects: (difference, low, high, p_value).
+
+    ``model_preds`` / ``baseline_preds``: one prediction set per seed, all over the same subjects in the same order.
+    The difference is the seed-mean of metric(model) − metric(baseline); each resample [n] of ``draws`` [B, n] is
+    applied to every seed. p is two-sided: 2 × the smaller share of resampled differences on either side of 0
+    (with the +1 correction of a permutation-style estimate), capped at 1.
+    """
+    def difference(index):
+        diffs = [compute_metrics(task, m, index, [metric])[metric] - compute_metrics(task, b, index, [metric])[metric]
+                 for m, b in zip(model_preds, baseline_preds)]
+        return float(np.mean(diffs))
+
+    observed = difference(None)
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        samples = np.array([difference(index) for index in draws])
+    samples = samples[np.isfinite(samples)]
+    if not np.isfinite(observed) or len(samples) == 0:
+        return observed, float("nan"), float("nan"), float("nan")
+    low, high = np.quantile(samples, [(1 - confidence) / 2, (1 + confidence) / 2])
+    below = (1 + np.sum(samples <= 0)) / (len(samples) + 1)
+    above = (1 + np.sum(samples >= 0)) / (len(samples) + 1)
+    return observed, float(low), float(high), float(min(1.0, 2 * min(below, above)))
+
+
+def _balanced_accuracy(pred: dict) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # a class absent from the resample: sklearn warns, still defined
+        return balanced_accuracy_score(pred["y_true"], pred["prob"].argmax(axis=1))
+
+
+def _auc(pred: dict) -> float:
+    y_true, prob = pred["y_true"], pred["prob"]
+    n_classes = prob.shape[1]
+    if len(np.unique(y_true)) < n_classes:
+        return float("nan")                      # one-vs-rest AUC undefined for a class absent from the subjects
+    if n_classes == 2:
+        return roc_auc_score(y_true, prob[:, 1])
+    return roc_auc_score(y_true, prob, multi_class="ovr", average="macro", labels=list(range(n_classes)))
+
+
+def _f1_macro(pred: dict) -> float:
+    labels = list(range(pred["prob"].shape[1]))
+    return f1_score(pred["y_true"], pred["prob"].argmax(axis=1), labels=labels, average="macro", zero_division=0.0)
+
+
+def _mae(pred: dict) -> float:
+    return mean_absolute_error(pred["y_true"], pred["y_pred"])
+
+
+def _pearson_r(pred: dict) -> float:
+    y_true, y_pred = pred["y_true"], pred["y_pred"]
+    if len(y_true) < 2 or np.ptp(y_true) == 0 or np.ptp(y_pred) == 0:
+        return float("nan")
+    return pearsonr(y_true, y_pred)[0]
+
+
+def _c_index(pred: dict) -> float:
+    event = pred["event"].astype(bool)
+    if not event.any():
+        return float("nan")                      # all censored: no comparable pair
+    try:
+        return concordance_index_censored(event, pred["time"], pred["risk"])[0]
+    except NoComparablePairException:
+        return float("nan")
+
+
+def _logrank_p(pred: dict) -> float:
+    event, high = pred["event"].astype(bool), pred["high_risk"].astype(bool)
+    if not event.any() or high.all() or not high.any():
+        return float("nan")                      # one risk group only, or no event
+    structured = np.array(list(zip(event, pred["time"])), dtype=[("event", bool), ("time", float)])
+    return compare_survival(structured, high.astype(int))[1]
+
+
+_METRIC_FUNCTIONS = {"balanced_accuracy": _balanced_accuracy, "auc": _auc, "f1_macro": _f1_macro, "mae": _mae,
+                     "pearson_r": _pearson_r, "c_index": _c_index, "logrank_p": _logrank_p}
+
+
+def _segmentation(dice: np.ndarray, labels) -> dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # a label absent in every chosen subject: NaN
+        per_label = np.nanmean(dice, axis=0) if len(dice) else np.full(len(labels), np.nan)
+        result = {"dice_mean": float(np.nanmean(per_label)) if np.isfinite(per_label).any() else float("nan")}
+    result.update({f"dice_{label}": float(value) for label, value in zip(labels, per_label)})
+    return result

@@ -1,0 +1,182 @@
+"""What a probe run found: the ``ProbeResults`` tree that ``metrics.json`` holds and the report is written from.
+
+Layout (every level a dataclass; ``ProbeResults.to_dict()`` is exactly ``metrics.json``; ``from_dict`` reads it back)::
+
+    ProbeResults
+      run_dir, command, model (name of the encoder under test), seeds [int], n_bootstrap, confidence (0.95),
+      predictions ("predictions.csv", relative to run_dir), elapsed_s,
+      encoders: [EncoderInfo]          the model first, then the baselines, in the order they were run
+      endpoints: [EndpointResult]      one per endpoint (one for a plain CLI run; several with --endpoints)
+
+    EndpointResult
+      name, task ("classification" | "regression" | "survival" | "segmentation"), target, time, event, mask,
+      sequences [str] (fused per subject, in this order), fusion ("concat" | "mean"), pooling, head,
+      protocol ("split": the manifest's split column, train+val → training, test → test | "cv": subject-grouped
+      stratified k-fold, predictions pooled over the folds), folds (int | None),
+      n_subjects (subjects with a label), dropped {reason: n rows} (e.g. "empty label": 3),
+      classes [str] | None (classification: the label values, in the column order of the probabilities),
+      metrics [str] (names, report order), headline (the metric shown first), higher_is_better {metric: bool},
+      settings [str] in order, e.g. ["1%", "10%", "25%", "50%", "100%", "1-shot", "5-shot"],
+      scores [Score], aggregates [Aggregate], comparisons [Comparison], notes [str] (e.g. a skipped setting),
+      mask_dir (segmentation: folder of predicted masks relative to run_dir, else None)
+
+    Score            one (encoder, setting, seed): predictions over the test subjects (pooled over CV folds)
+      encoder, setting, kind ("fraction" | "shot"), amount (percent, or shots per class), seed,
+      n_train (training subjects used, mean over folds for CV), n_test (subjects predicted),
+      metrics {metric: MetricValue}, head_parameters (trainable numbers in the head),
+      fraction_trained = head_parameters / (head_parameters + encoder parameters)
+
+    MetricValue      value, low, high: point estimate and 95 % bootstrap CI (subjects resampled); low/high are
+                     None where no CI is defined (logrank_p)
+
+    Aggregate        encoder, setting, metric, mean, std (over seeds, ddof=0), n_seeds
+
+    Comparison       model vs one baseline, one setting, the endpoint's headline metric, paired over the same test
+                     subjects: metric, setting, model, baseline, difference (seed-mean model − baseline), low, high
+                     (95 % CI of the difference), p_value (two-sided paired bootstrap), n_subjects, n_resamples
+
+Metric names: classification ``balanced_accuracy``, ``auc`` (macro one-vs-rest), ``f1_macro``; regression ``mae``,
+``pearson_r``; survival ``c_index`` (Harrell), ``logrank_p`` (high vs low risk split at the training median risk);
+segmentation ``dice_mean`` and ``dice_<label>`` per foreground label.
+
+``predictions.csv`` (one row per endpoint × encoder × setting × seed × test subject): endpoint, encoder, setting,
+kind, amount, seed, subject, split (``test`` or ``fold-<k>``), y_true, then per task: classification ``y_pred`` and
+``prob_<class>`` per class; regression ``y_pred``; survival ``risk``, ``time``, ``event``, ``risk_group``
+(``high``/``low`` vs the training median); segmentation ``mask`` (predicted NIfTI, relative to run_dir) and
+``dice_<label>``.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+TASKS = ("classification", "regression", "survival", "segmentation")
+
+
+@dataclass
+class MetricValue:
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass
+class EncoderInfo:
+    name: str                 # display name: the model's spec, "random_like", "pixels", or a --baseline spec
+    role: str                 # "model" | "baseline"
+    spec: str                 # what load_encoder was given
+    fingerprint: str          # 16 hex, the encoder's fingerprint
+    parameters: int           # encoder parameters (0 for a non-deep baseline)
+    features: str             # features folder used (absolute path)
+
+
+@dataclass
+class Score:
+    encoder: str
+    setting: str
+    kind: str
+    amount: float
+    seed: int
+    n_train: float
+    n_test: int
+    metrics: dict[str, MetricValue]
+    head_parameters: int
+    fraction_trained: float
+
+
+@dataclass
+class Aggregate:
+    encoder: str
+    setting: str
+    metric: str
+    mean: float
+    std: float
+    n_seeds: int
+
+
+@dataclass
+class Comparison:
+    metric: str
+    setting: str
+    model: str
+    baseline: str
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    n_subjects: int
+    n_resamples: int
+
+
+@dataclass
+class EndpointResult:
+    name: str
+    task: str
+    target: str | None
+    time: str | None
+    event: str | None
+    mask: str | None
+    sequences: list[str]
+    fusion: str
+    pooling: str
+    head: str
+    protocol: str
+    folds: int | None
+    n_subjects: int
+    dropped: dict[str, int]
+    classes: list[str] | None
+    metrics: list[str]
+    headline: str
+    higher_is_better: dict[str, bool]
+    settings: list[str]
+    scores: list[Score] = field(default_factory=list)
+    aggregates: list[Aggregate] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mask_dir: str | None = None
+
+    def score(self, encoder: str, setting: str, seed: int) -> Score:
+        """The score of one (encoder, setting, seed); KeyError if that cell was not run."""
+        for score in self.scores:
+            if (score.encoder, score.setting, score.seed) == (encoder, setting, seed):
+                return score
+        raise KeyError((encoder, setting, seed))
+
+    def aggregate(self, encoder: str, setting: str, metric: str) -> Aggregate:
+        """Mean ± std over seeds of one metric; KeyError if absent."""
+        for item in self.aggregates:
+            if (item.encoder, item.setting, item.metric) == (encoder, setting, metric):
+                return item
+        raise KeyError((encoder, setting, metric))
+
+
+@dataclass
+class ProbeResults:
+    run_dir: str
+    command: str
+    model: str
+    seeds: list[int]
+    n_bootstrap: int
+    confidence: float
+    predictions: str
+    elapsed_s: float
+    encoders: list[EncoderInfo]
+    endpoints: list[EndpointResult]
+
+    def to_dict(self) -> dict:
+        """JSON-ready nested dict (the content of ``metrics.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProbeResults":
+        """Rebuild from ``to_dict()`` output (e.g. ``json.load`` of ``metrics.json``)."""
+        endpoints = []
+        for item in data["endpoints"]:
+            item = dict(item)
+            item["scores"] = [Score(**{**s, "metrics": {k: MetricValue(**v) for k, v in s["metrics"].items()}})
+                              for s in item["scores"]]
+            item["aggregates"] = [Aggregate(**a) for a in item["aggregates"]]
+            item["comparisons"] = [Comparison(**c) for c in item["comparisons"]]
+            endpoints.append(EndpointResult(**item))
+        top = {f.name: data[f.name] for f in fields(cls)}
+        top["encoders"] = [EncoderInfo(**e) for e in data["encoders"]]
+        top["endpoints"] = endpoints
+        return cls(**top)

@@ -1,0 +1,149 @@
+"""`python probe.py` end to end on a tiny NIfTI cohort with a depth-1 ViT at 32 px: files, baselines on the same
+splits, multi-endpoint YAML, segmentation masks in the native grid, one-line errors."""
+
+import json
+from dataclasses import asdict
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import head_like_volume
+
+from braindino.encoder.model_folder import timm_config, write_model_folder
+from braindino.ingest import PreprocessConfig
+from braindino.models import MaskableViT
+from braindino.probe.results import ProbeResults
+from probe import main
+
+N_SUBJECTS = 12
+AFFINE = np.array([[0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]])   # not RAS: exercises reorientation
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
+    folder = tmp_path_factory.mktemp("probe_model") / "model"
+    config = timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, asdict(PreprocessConfig(size=32)), {})
+    write_model_folder(folder, config, vit.state_dict())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """12 subjects × (T1, FLAIR) volumes [32, 32, 10] (half with a bright lesion + its mask), labels dx, age,
+    time, event, mask."""
+    root = tmp_path_factory.mktemp("probe_cohort")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_SUBJECTS):
+        lesion = i % 2 == 1
+        for sequence in ("T1", "FLAIR"):
+            data = head_like_volume(rng, shape=(32, 32, 10), lesion=lesion)
+            path = root / f"sub-{i:02d}_{sequence}.nii.gz"
+            nib.save(nib.Nifti1Image(data, AFFINE), path)
+            mask = root / f"sub-{i:02d}_{sequence}_mask.nii.gz"
+            nib.save(nib.Nifti1Image((data > 850).astype(np.int16), AFFINE), mask)
+            rows.append({"path": path.name, "subject": f"sub-{i:02d}", "sequence": sequence,
+                         "dx": "lesion" if lesion else "healthy", "age": 40 + 3 * i + 10 * lesion,
+                         "time": 5 + i + 20 * (not lesion), "event": int(i % 3 != 0), "mask": mask.name})
+    rows[2]["age"] = None                       # an empty label: that subject still has it on its other row
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+COMMON = ["--fractions", "50,100", "--seeds", "0,1", "--folds", "3", "--bootstrap", "40", "--workers", "1",
+          "--device", "cpu"]
+
+
+def test_classification_run_writes_metrics_predictions_report(tiny_model, cohort, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["--model", str(tiny_model), "--manifest", str(cohort), "--task", "classification",
+                   "--target", "dx", "--shots", "2", "--out", str(out), *COMMON])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    results = ProbeResults.from_dict(json.loads((out / "metrics.json").read_text()))
+    assert [e.name for e in results.encoders] == ["model", "random_like", "pixels"]
+    endpoint = results.endpoints[0]
+    assert endpoint.protocol == "cv" and endpoint.settings == ["50%", "100%", "2-shot"]
+    assert len(endpoint.scores) == 3 * 3 * 2 and endpoint.n_subjects == N_SUBJECTS
+    for score in endpoint.scores:
+        value = score.metrics["balanced_accuracy"]
+        assert value.low <= value.value <= value.high
+        assert 0 < score.fraction_trained < 1 if score.encoder != "pixels" else score.fraction_trained == 1.0
+    assert {(c.setting, c.baseline) for c in endpoint.comparisons} == {
+        (s, b) for s in endpoint.settings for b in ("random_like", "pixels")}
+    predictions = pd.read_csv(out / "predictions.csv")
+    cell = predictions[(predictions.encoder == "model") & (predictions.setting == "100%") & (predictions.seed == 0)]
+    assert sorted(cell.subject) == [f"sub-{i:02d}" for i in range(N_SUBJECTS)]       # CV: each subject once
+    for (setting, seed), group in predictions.groupby(["setting", "seed"]):           # same splits for all encoders
+        folds = {enc: dict(zip(g.subject, g.split)) for enc, g in group.groupby("encoder")}
+        assert folds["model"] == folds["random_like"] == folds["pixels"]
+    np.testing.assert_allclose(cell[["prob_healthy", "prob_lesion"]].sum(axis=1), 1.0, rtol=1e-6)
+    assert (out / "report.md").is_file()
+    assert "error:" not in captured.err and "dx · model @ 100%: balanced_accuracy" in captured.out
+    assert len(list((out / "features").iterdir())) == 3
+
+    features = out / "features" / "model"                   # --features reuse: same numbers, no re-extraction
+    again = tmp_path / "again"
+    assert main(["--model", str(tiny_model), "--features", str(features), "--no-default-baselines", "--manifest",
+                 str(cohort), "--task", "classification", "--target", "dx", "--shots", "", "--out", str(again),
+                 *COMMON]) == 0
+    rerun = ProbeResults.from_dict(json.loads((again / "metrics.json").read_text())).endpoints[0]
+    assert rerun.score("model", "100%", 1).metrics == endpoint.score("model", "100%", 1).metrics
+    assert not (again / "features").exists()
+
+
+def test_endpoints_yaml_regression_survival_mil_knn(tiny_model, cohort, tmp_path, capsys):
+    spec = tmp_path / "endpoints.yaml"
+    spec.write_text("- {name: age, task: regression, target: age, head: knn}\n"
+                    "- {name: os, task: survival, time: time, event: event, sequences: FLAIR}\n"
+                    "- {name: dx_mil, task: classification, target: dx, pooling: mil, fusion: mean}\n")
+    out = tmp_path / "multi"
+    assert main(["--model", str(tiny_model), "--manifest", str(cohort), "--endpoints", str(spec),
+                 "--no-default-baselines", "--baseline", "pixels", "--out", str(out), *COMMON]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    names = {e["name"]: e for e in results["endpoints"]}
+    assert set(names) == {"age", "os", "dx_mil"}
+    assert names["os"]["sequences"] == ["FLAIR"] and names["dx_mil"]["head"] == "attention-mil"
+    assert names["age"]["headline"] == "mae" and names["age"]["higher_is_better"]["mae"] is False
+    assert names["age"]["dropped"] == {}
+    predictions = pd.read_csv(out / "predictions.csv")
+    os_rows = predictions[predictions.endpoint == "os"]
+    assert set(os_rows.risk_group) <= {"high", "low"} and os_rows.risk.notna().all()
+
+
+def test_segmentation_writes_native_grid_masks(tiny_model, cohort, tmp_path):
+    out = tmp_path / "seg"
+    assert main(["--model", str(tiny_model), "--manifest", str(cohort), "--task", "segmentation", "--mask", "mask",
+                 "--sequences", "FLAIR", "--no-default-baselines", "--out", str(out), "--fractions", "100",
+                 "--seeds", "0", "--folds", "3", "--bootstrap", "20", "--workers", "1", "--device", "cpu"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    endpoint = results["endpoints"][0]
+    assert endpoint["metrics"] == ["dice_mean", "dice_1"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == N_SUBJECTS and predictions["mask"].notna().all()
+    written = nib.load(out / predictions["mask"].iloc[0])
+    assert written.shape == (32, 32, 10) and np.allclose(written.affine, AFFINE)
+
+
+def test_bad_inputs_are_one_error_line(tiny_model, cohort, tmp_path, capsys):
+    def error(*extra):
+        status = main(["--model", str(tiny_model), "--manifest", str(cohort), "--out", str(tmp_path / "bad"),
+                       *COMMON, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: ")
+        return err[0]
+
+    assert "no column 'nope'" in error("--task", "classification", "--target", "nope")
+    assert "not a number" in error("--task", "regression", "--target", "dx")
+    assert "5-shot needs 5 subjects" in error("--task", "classification", "--target", "dx", "--shots", "5")
+    other = tmp_path / "other_features"
+    other.mkdir()
+    (other / "model.json").write_text(json.dumps({"name": "x", "fingerprint": "0" * 16, "preprocessing": {},
+                                                  "input_size": 32, "embed_dim": 1, "patch_size": 8, "grid": [4, 4]}))
+    (other / "index.csv").write_text("path,subject,feature_file,model_fingerprint,content_hash,n_slices\n")
+    assert "features were made by" in error("--task", "classification", "--target", "dx", "--features", str(other))
+    assert not (tmp_path / "bad" / "metrics.json").exists()

@@ -1,0 +1,107 @@
+"""Probe metrics agree exactly with scikit-learn / scikit-survival; bootstrap CIs and paired tests behave."""
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+from sklearn.metrics import balanced_accuracy_score, f1_score, mean_absolute_error, roc_auc_score
+from sksurv.compare import compare_survival
+from sksurv.metrics import concordance_index_censored
+from sksurv.util import Surv
+
+from braindino.probe import metrics as M
+
+
+def classification_set(n, seed=0, signal=0.0, n_classes=3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes)) + signal * np.eye(n_classes)[y]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return {"y_true": y, "prob": prob}
+
+
+def test_classification_metrics_equal_sklearn():
+    pred = classification_set(50)
+    got = M.compute_metrics("classification", pred)
+    y, prob = pred["y_true"], pred["prob"]
+    assert got["balanced_accuracy"] == balanced_accuracy_score(y, prob.argmax(1))
+    assert got["auc"] == roc_auc_score(y, prob, multi_class="ovr", average="macro")
+    assert got["f1_macro"] == f1_score(y, prob.argmax(1), average="macro")
+    binary = classification_set(40, seed=1, n_classes=2)
+    assert M.compute_metrics("classification", binary)["auc"] == roc_auc_score(binary["y_true"], binary["prob"][:, 1])
+
+
+def test_regression_and_survival_metrics_equal_reference():
+    rng = np.random.default_rng(0)
+    y, p = rng.normal(size=30), rng.normal(size=30)
+    got = M.compute_metrics("regression", {"y_true": y, "y_pred": p})
+    assert got["mae"] == mean_absolute_error(y, p)
+    assert got["pearson_r"] == pearsonr(y, p)[0]
+    time, event, risk = rng.uniform(1, 20, 40), rng.random(40) < 0.6, rng.normal(size=40)
+    high = risk > 0.1
+    got = M.compute_metrics("survival", {"time": time, "event": event, "risk": risk, "high_risk": high})
+    assert got["c_index"] == concordance_index_censored(event, time, risk)[0]
+    assert got["logrank_p"] == compare_survival(Surv.from_arrays(event, time), high.astype(int))[1]
+
+
+def test_dice_is_sklearn_f1_per_label():
+    rng = np.random.default_rng(0)
+    truth, pred = rng.integers(0, 3, (6, 5, 4)), rng.integers(0, 3, (6, 5, 4))
+    dice = M.dice_per_label(truth, pred, [1, 2])
+    np.testing.assert_array_equal(dice, f1_score(truth.ravel(), pred.ravel(), labels=[1, 2], average=None))
+    a = np.zeros((4, 4, 4), int); a[:2] = 1
+    assert M.dice_per_label(a, a, [1])[0] == 1.0
+    assert np.isnan(M.dice_per_label(a, a, [2])[0])       # label absent from both: undefined
+
+
+def test_ci_contains_point_and_shrinks_with_n():
+    widths = []
+    for n in (40, 400):
+        pred = classification_set(n, signal=1.5)
+        ci = M.score_with_ci("classification", pred, M.bootstrap_indices(n, 300, 0))
+        for value, low, high in ci.values():
+            assert low <= value <= high
+        widths.append(ci["balanced_accuracy"][2] - ci["balanced_accuracy"][1])
+    assert widths[1] < widths[0] / 2            # ~1/sqrt(n): a 10x larger cohort gives a ~3x narrower interval
+
+
+def test_logrank_has_no_ci():
+    rng = np.random.default_rng(1)
+    risk = rng.normal(size=30)
+    pred = {"time": rng.uniform(1, 9, 30), "event": rng.random(30) < 0.7, "risk": risk, "high_risk": risk > 0}
+    value, low, high = M.score_with_ci("survival", pred, M.bootstrap_indices(30, 50, 0))["logrank_p"]
+    assert np.isfinite(value) and low is None and high is None
+
+
+def test_paired_bootstrap_small_p_for_better_model_large_for_identical():
+    n = 120
+    good, bad = classification_set(n, seed=3, signal=4.0), classification_set(n, seed=3, signal=0.0)
+    draws = M.bootstrap_indices(n, 500, 0)
+    diff, low, high, p = M.paired_bootstrap("classification", "balanced_accuracy", [good], [bad], draws)
+    assert diff > 0.3 and low > 0 and p < 0.01
+    diff, low, high, p = M.paired_bootstrap("classification", "balanced_accuracy", [good, bad], [good, bad], draws)
+    assert diff == 0 and p == 1.0
+
+
+def test_paired_bootstrap_lower_is_better_sign():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=80)
+    close, far = {"y_true": y, "y_pred": y + 0.1 * rng.normal(size=80)}, {"y_true": y, "y_pred": rng.normal(size=80)}
+    diff, _, high, p = M.paired_bootstrap("regression", "mae", [close], [far], M.bootstrap_indices(80, 300, 1))
+    assert diff < 0 and high < 0 and p < 0.01
+
+
+def test_undefined_metrics_are_nan_not_errors():
+    pred = {"y_true": np.array([0, 0, 0]), "prob": np.array([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]])}
+    assert np.isnan(M.compute_metrics("classification", pred)["auc"])
+    censored = {"time": np.ones(4), "event": np.zeros(4, bool), "risk": np.arange(4.0),
+                "high_risk": np.array([0, 0, 1, 1], bool)}
+    assert np.isnan(M.compute_metrics("survival", censored)["c_index"])
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "survival"])
+def test_metric_names_match_compute(task):
+    preds = {"classification": classification_set(20),
+             "regression": {"y_true": np.arange(5.0), "y_pred": np.arange(5.0) ** 2},
+             "survival": {"time": np.arange(1.0, 7), "event": np.array([1, 0, 1, 1, 0, 1], bool),
+                          "risk": -np.arange(6.0), "high_risk": np.arange(6) < 3}}
+    assert list(M.compute_metrics(task, preds[task])) == M.metric_names(task)
