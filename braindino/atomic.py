@@ -47,7 +47,7 @@ def _current_umask() -> int:
 
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path, obj) -> None:

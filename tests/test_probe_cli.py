@@ -64,7 +64,7 @@ def test_classification_run_writes_metrics_predictions_report(tiny_model, cohort
                    "--target", "dx", "--shots", "2", "--out", str(out), *COMMON])
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    results = ProbeResults.from_dict(json.loads((out / "metrics.json").read_text()))
+    results = ProbeResults.from_dict(json.loads((out / "metrics.json").read_text(encoding="utf-8")))
     assert [e.name for e in results.encoders] == ["model", "random_like", "pixels"]
     endpoint = results.endpoints[0]
     assert endpoint.protocol == "cv" and endpoint.settings == ["50%", "100%", "2-shot"]
@@ -91,7 +91,7 @@ def test_classification_run_writes_metrics_predictions_report(tiny_model, cohort
     assert main(["--model", str(tiny_model), "--features", str(features), "--no-default-baselines", "--manifest",
                  str(cohort), "--task", "classification", "--target", "dx", "--shots", "", "--out", str(again),
                  *COMMON]) == 0
-    rerun = ProbeResults.from_dict(json.loads((again / "metrics.json").read_text())).endpoints[0]
+    rerun = ProbeResults.from_dict(json.loads((again / "metrics.json").read_text(encoding="utf-8"))).endpoints[0]
     assert rerun.score("model", "100%", 1).metrics == endpoint.score("model", "100%", 1).metrics
     assert not (again / "features").exists()
 
@@ -104,7 +104,7 @@ def test_endpoints_yaml_regression_survival_mil_knn(tiny_model, cohort, tmp_path
     out = tmp_path / "multi"
     assert main(["--model", str(tiny_model), "--manifest", str(cohort), "--endpoints", str(spec),
                  "--no-default-baselines", "--baseline", "pixels", "--out", str(out), *COMMON]) == 0
-    results = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     names = {e["name"]: e for e in results["endpoints"]}
     assert set(names) == {"age", "os", "dx_mil"}
     assert names["os"]["sequences"] == ["FLAIR"] and names["dx_mil"]["head"] == "attention-mil"
@@ -120,7 +120,7 @@ def test_segmentation_writes_native_grid_masks(tiny_model, cohort, tmp_path):
     assert main(["--model", str(tiny_model), "--manifest", str(cohort), "--task", "segmentation", "--mask", "mask",
                  "--sequences", "FLAIR", "--no-default-baselines", "--out", str(out), "--fractions", "100",
                  "--seeds", "0", "--folds", "3", "--bootstrap", "20", "--workers", "1", "--device", "cpu"]) == 0
-    results = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     endpoint = results["endpoints"][0]
     assert endpoint["metrics"] == ["dice_mean", "dice_1"]
     predictions = pd.read_csv(out / "predictions.csv")

@@ -152,7 +152,7 @@ def run(tmp_path_factory):
     results = ProbeResults.from_dict(json.loads(json.dumps(data)))
     path = write_report(run_dir, results)
     assert path == run_dir / "report.md"
-    return run_dir, results, path.read_text()
+    return run_dir, results, path.read_text(encoding="utf-8")
 
 
 def _row(text, endpoint, encoder, setting):
@@ -237,7 +237,7 @@ def test_every_figure_is_a_png(run):
 
 def test_html_is_self_contained(run):
     run_dir, results, text = run
-    page = (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
     assert len(sources) == len(re.findall(r"!\[", text)) == 10
     for source in sources:

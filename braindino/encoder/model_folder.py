@@ -65,7 +65,7 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise InputError(folder, f"has no {CONFIG_JSON}", EXPORT_HINT)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(path, f"unreadable JSON ({type(err).__name__})", EXPORT_HINT) from None
     if not isinstance(config, dict) or "architecture" not in config:

@@ -146,7 +146,7 @@ def read_model_json(root) -> dict | None:
     if not path.is_file():
         return None
     try:
-        model = json.loads(path.read_text())
+        model = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(path, f"model.json is unreadable ({type(err).__name__})", _REWRITE_HINT) from None
     if not isinstance(model, dict) or not set(MODEL_KEYS) <= model.keys():

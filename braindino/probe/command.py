@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from braindino.errors import InputError
-from braindino.probe.endpoints import FUSIONS, HEADS, POOLINGS, EndpointSpec, endpoints_from_yaml, parse_sequences
+from braindino.probe.endpoints import (FUSIONS, HEADS, POOLINGS, UNITS, EndpointSpec, endpoints_from_yaml,
+                                      parse_sequences)
 from braindino.probe.results import TASKS
 
 DEFAULT_BASELINES = ("random_like", "pixels")
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slice pooling; 'mil' trains an attention-MIL head over the slices (default mean)")
     parser.add_argument("--head", choices=HEADS, default="linear",
                         help="head on pooled features: linear (default), mlp, or knn (DINO's weighted kNN)")
+    parser.add_argument("--unit", choices=UNITS, default="auto",
+                        help="sample unit: subject (its sequences fused, one label per subject) or volume (each "
+                             "manifest row a sample, e.g. --target sequence; folds and bootstrap still group by "
+                             "subject); auto: volume when the target is 'sequence' or differs within a subject")
+    parser.add_argument("--brain-age-correction", action="store_true",
+                        help="regression: wrap the linear/MLP head in a brain-age bias correction fitted on the "
+                             "training data only")
     parser.add_argument("--fractions", default="1,10,25,50,100", metavar="LIST",
                         help="training fractions in percent (default 1,10,25,50,100)")
     parser.add_argument("--shots", default=None, metavar="LIST",
@@ -57,13 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="FEATURES", help="features of --model made by braindino extract "
                         "(default: extract into RUN/features/<encoder>/, reused on a rerun)")
     parser.add_argument("--endpoints", metavar="YAML", help="several endpoints of this cohort: a list of {name, "
-                        "task, target, time, event, mask, sequences, pooling, head, fusion}")
+                        "task, target, time, event, mask, sequences, pooling, head, fusion, unit, brain_age_correction}")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))), metavar="N",
                         help="processes for extraction and for fitting/bootstrap (default: up to 4 cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="slices per encoder batch (default 64)")
     parser.add_argument("--device", default=None, help="encoder device (default cuda > mps > cpu)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder for metrics.json, "
-                        "predictions.csv, report.md, figures/, features/, masks/")
+                        "predictions.csv, report.md, figures/, features/, masks/, attention/")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +115,8 @@ def _options(args):
 def endpoint_specs(args) -> list[EndpointSpec]:
     """The endpoints of this run: ``--endpoints`` YAML (command-line values as defaults) or the one CLI endpoint."""
     defaults = dict(task=args.task, target=args.target, time=args.time, event=args.event, mask=args.mask,
-                    sequences=args.sequences, fusion=args.fusion, pooling=args.pooling, head=args.head)
+                    sequences=args.sequences, fusion=args.fusion, pooling=args.pooling, head=args.head,
+                    unit=args.unit, brain_age_correction=args.brain_age_correction)
     if args.endpoints:
         return endpoints_from_yaml(args.endpoints, defaults)
     if not args.task:
@@ -164,8 +173,10 @@ def load_encoders(args) -> list[dict]:
     entries = [dict(name=model_name, role="model", spec=str(args.model), encoder=model)]
     specs = ([] if args.no_default_baselines else list(DEFAULT_BASELINES)) + list(args.baseline)
     for spec in dict.fromkeys(specs):
-        if spec == "random_like":
+        if spec == "random_like":   # a model that is itself random:<arch>:0 gets a baseline with other weights
             encoder = model.random_like(seed=0)
+            if encoder.fingerprint == model.fingerprint:
+                encoder = model.random_like(seed=1)
         else:
             encoder = load_encoder(spec, device=args.device, like=model)
         name = Path(spec).name if os.path.isdir(spec) else spec
@@ -213,7 +224,8 @@ def evaluate_all(args, manifest, tables, encoders, settings, seeds, explicit_sho
     from braindino.probe.endpoints import restrict
     from braindino.probe.evaluate import evaluate_endpoint, plan_endpoint
     from braindino.probe.inputs import SubjectBags
-    from braindino.probe.outputs import headline_lines, prediction_rows, write_metrics, write_predictions
+    from braindino.probe.outputs import (headline_lines, prediction_rows, write_attention, write_metrics,
+                                         write_predictions)
     from braindino.probe.report import write_report
     from braindino.probe.results import EncoderInfo, ProbeResults
     from braindino.probe.segmentation import evaluate_segmentation
@@ -235,14 +247,20 @@ def evaluate_all(args, manifest, tables, encoders, settings, seeds, explicit_sho
                         slice_size=e["features"].model["preprocessing"]["size"]) for e in encoders]
             result, cells = evaluate_segmentation(table, plan, seg, seeds, args.bootstrap, 0.95, run_dir, bar)
         else:
-            inputs = []
+            inputs, slices = [], []
             for entry in encoders:
                 bags = SubjectBags(table, entry["features"], entry["rows"])
-                inputs.append(dict(name=entry["name"], parameters=entry["parameters"],
-                                   inputs=bags.mil(spec.fusion, where) if spec.pooling == "mil"
-                                   else bags.pooled(spec.pooling, spec.fusion)))
+                if spec.pooling == "mil":
+                    encoder_inputs, encoder_slices = bags.mil(spec.fusion, where)
+                    slices.append(encoder_slices)
+                else:
+                    encoder_inputs = bags.pooled(spec.pooling, spec.fusion)
+                inputs.append(dict(name=entry["name"], parameters=entry["parameters"], inputs=encoder_inputs))
             result, cells = evaluate_endpoint(table, plan, inputs, seeds, args.bootstrap, 0.95,
                                               max(1, args.workers), bar)
+            for cell in cells:
+                if "attention" in cell:
+                    write_attention(run_dir / "attention" / f"{spec.name}.csv", table, cell, slices[0])
         endpoints.append(result)
         rows += prediction_rows(table, cells)
         lines += headline_lines(result, seeds)

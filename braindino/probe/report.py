@@ -130,6 +130,13 @@ def _summary(endpoint: EndpointResult, results: ProbeResults) -> str:
     return text
 
 
+def _sample_count(endpoint: EndpointResult) -> str:
+    """"40 subjects", or "120 volumes of 40 subjects (one sample per volume)" where the counts differ."""
+    if endpoint.n_samples == endpoint.n_subjects:
+        return f"{endpoint.n_subjects} subjects"
+    return f"{endpoint.n_samples} {endpoint.unit}s of {endpoint.n_subjects} subjects (one sample per {endpoint.unit})"
+
+
 def _signed(value) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.3f}"
 
@@ -143,7 +150,7 @@ def _endpoint_lines(run_dir: Path, endpoint: EndpointResult, results: ProbeResul
     classes = f"; classes {', '.join(endpoint.classes)}" if endpoint.classes else ""
     lines = [f"## {endpoint.name}", "",
              f"{endpoint.task}: {label}; sequences {', '.join(endpoint.sequences)} ({endpoint.fusion}); pooling "
-             f"{endpoint.pooling}; head {endpoint.head}; protocol {protocol}; {endpoint.n_subjects} subjects{classes}.",
+             f"{endpoint.pooling}; head {endpoint.head}; protocol {protocol}; {_sample_count(endpoint)}{classes}.",
              "", "### Scores", "", *_scores_table(endpoint, results), "", "### Comparisons", ""]
     lines += _comparisons_table(endpoint, results) if endpoint.comparisons else ["No comparisons (no baseline)."]
     lines += ["", "### Dropped rows", ""]
@@ -308,7 +315,7 @@ def write_html(run_dir) -> Path:
     source = run_dir / "report.md"
     if not source.is_file():
         raise InputError(source, "report.md not found", "run write_report (probe.py) first")
-    body = "\n".join(_markdown_to_html(source.read_text(), run_dir))
+    body = "\n".join(_markdown_to_html(source.read_text(encoding="utf-8"), run_dir))
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Probe report</title><style>"
             "body{font-family:sans-serif;max-width:80em;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin:1em 0;font-size:90%}"

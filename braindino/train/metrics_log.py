@@ -48,7 +48,7 @@ def read_metrics(run_dir) -> list[dict]:
     if not path.exists():
         return []
     by_step = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
             by_step.setdefault(record["step"], {}).update(record)
