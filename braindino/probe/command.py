@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="FEATURES", help="features of --model made by braindino extract "
                         "(default: extract into RUN/features/<encoder>/, reused on a rerun)")
     parser.add_argument("--endpoints", metavar="YAML", help="several endpoints of this cohort: a list of {name, "
-                        "task, target, time, event, mask, sequences, pooling, head, fusion, unit, brain_age_correction}")
+                        "task, target, time, event, mask, sequences, pooling, head, fusion, unit, "
+                        "brain_age_correction}")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))), metavar="N",
                         help="processes for extraction and for fitting/bootstrap (default: up to 4 cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="slices per encoder batch (default 64)")

@@ -1,11 +1,13 @@
-"""Endpoints: what to predict (``EndpointSpec``) and the validated per-subject label table (``SubjectTable``).
+"""Endpoints: what to predict (``EndpointSpec``) and the validated label table of its samples (``SubjectTable``).
 
-A subject is one row of the table: its volumes (one per requested sequence) are fused into one input, so every
-protocol splits by subject. Labels are checked before any work; every problem is one ``InputError`` line.
+The sample unit is the subject (its volumes, one per requested sequence, fused into one input; one label per
+subject) or the volume (each manifest row its own sample, for labels that vary within a subject such as the MRI
+sequence). Either way every sample knows its subject, and every protocol splits by subject. Labels are checked
+before any work; every problem is one ``InputError`` line.
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -18,14 +20,18 @@ from braindino.probe.results import TASKS
 FUSIONS = ("concat", "mean")
 POOLINGS = ("mean", "max", "meanmax", "mil")
 HEADS = ("linear", "mlp", "knn")
-SPEC_KEYS = ("name", "task", "target", "time", "event", "mask", "sequences", "fusion", "pooling", "head")
+UNITS = ("auto", "subject", "volume")
+SPEC_KEYS = ("name", "task", "target", "time", "event", "mask", "sequences", "fusion", "pooling", "head", "unit",
+             "brain_age_correction")
 
 
 @dataclass
 class EndpointSpec:
     """One endpoint. ``target``: label column (classification/regression); ``time``/``event``: survival columns;
-    ``mask``: segmentation label-file column; ``sequences``: sequences fused per subject (None = all in the
-    manifest); ``pooling`` "mil" means an attention-MIL head over the slices (``head`` is then ignored)."""
+    ``mask``: segmentation label-file column; ``sequences``: sequences fused per subject, or with ``unit``
+    "volume" the sequences whose rows are samples (None = all in the manifest); ``pooling`` "mil" means an
+    attention-MIL head over the slices (``head`` is then ignored); ``unit``: "subject", "volume" or "auto" (decided
+    by ``build_table``); ``brain_age_correction``: regression only, wrap the head in ``heads.BrainAgeCorrection``."""
 
     name: str
     task: str
@@ -37,6 +43,8 @@ class EndpointSpec:
     fusion: str = "concat"
     pooling: str = "mean"
     head: str = "linear"
+    unit: str = "subject"
+    brain_age_correction: bool = False
 
     def columns(self) -> list[str]:
         """The manifest columns this endpoint reads."""
@@ -54,13 +62,21 @@ class EndpointSpec:
             if not getattr(self, name):
                 bad(f"{self.task} needs a {name} column", f"pass --{name} COLUMN")
         for name, value, allowed in (("fusion", self.fusion, FUSIONS), ("pooling", self.pooling, POOLINGS),
-                                     ("head", self.head, HEADS)):
+                                     ("head", self.head, HEADS), ("unit", self.unit, UNITS)):
             if value not in allowed:
                 bad(f"unknown {name} {value!r}", f"use one of {', '.join(allowed)}")
         if self.head == "knn" and self.task not in ("classification", "regression") and self.pooling != "mil":
             bad("the kNN probe predicts classes or numbers only", "use --head linear or mlp for this task")
         if self.task == "segmentation" and self.sequences is not None and len(self.sequences) != 1:
             bad("segmentation reads one sequence per subject", "pass one sequence, e.g. --sequences FLAIR")
+        if self.task == "segmentation" and self.unit == "volume":
+            bad("segmentation runs per subject", "leave out unit volume (one sequence per subject is one volume)")
+        if not isinstance(self.brain_age_correction, bool):
+            bad("brain_age_correction is not true or false", "write brain_age_correction: true")
+        if self.brain_age_correction and (self.task != "regression" or self.pooling == "mil"
+                                          or self.head not in ("linear", "mlp")):
+            bad("brain-age correction wraps a linear or MLP regression head", "use it with --task regression and "
+                                                                              "--head linear or mlp")
         return self
 
 
@@ -108,16 +124,19 @@ def parse_sequences(value) -> list[str] | None:
 
 @dataclass
 class SubjectTable:
-    """The endpoint's subjects (n) with their inputs and labels.
+    """The endpoint's samples (n) with their inputs and labels; ``spec.unit`` is resolved ("subject" | "volume").
 
-    subjects [n] str; rows [n] dicts sequence → manifest row index; split [n] str or None (None: no usable split
-    column → CV); y: classification ``code`` [n] int; regression ``value`` [n] float; survival ``time`` [n] float,
-    ``event`` [n] bool; segmentation ``mask`` [n] str (path); classes: class names (code order) or None;
-    dropped: {reason: manifest rows}.
+    samples [n] str sample ids (the subject, or "<subject>/<sequence>" — "<subject>/row<N>" when the subject has
+    two rows of that sequence — for the volume unit); subjects [n] str: the subject of each sample (the groups every
+    protocol splits by; unique for the subject unit); rows [n] dicts sequence → manifest row index (one entry per
+    sample for the volume unit); split [n] str or None (None: no usable split column → CV); y: classification
+    ``code`` [n] int; regression ``value`` [n] float; survival ``time`` [n] float, ``event`` [n] bool; segmentation
+    ``mask`` [n] str (path); classes: class names (code order) or None; dropped: {reason: manifest rows}.
     """
 
     spec: EndpointSpec
     sequences: list[str]
+    samples: np.ndarray
     subjects: np.ndarray
     rows: list[dict]
     split: np.ndarray | None
@@ -125,12 +144,18 @@ class SubjectTable:
     classes: list[str] | None
     dropped: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def n_subjects(self) -> int:
+        return len(set(self.subjects.tolist()))
+
 
 def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
-    """Validate ``spec``'s columns and labels on ``manifest`` (from ``read_manifest``) and group rows by subject.
+    """Validate ``spec``'s columns and labels on ``manifest`` (from ``read_manifest``) and build its samples.
 
-    A subject's label comes from whichever of its rows have one (they must agree); a subject with no label, or
-    without one of the sequences, is dropped for this endpoint and its rows counted in ``dropped``.
+    Subject unit: a subject's label comes from whichever of its rows have one (they must agree); a subject with no
+    label, or without one of the sequences, is dropped for this endpoint and its rows counted in ``dropped``.
+    Volume unit: every row of the chosen sequences with a label is a sample. ``spec.unit`` "auto" becomes "volume"
+    when the target is the ``sequence`` column or differs between the rows of one subject, else "subject".
     """
     where = manifest.attrs.get("manifest_path", "manifest")
     for column in spec.columns():
@@ -147,10 +172,48 @@ def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
         raise InputError(where, f"endpoint {spec.name!r}: segmentation reads one sequence per subject, the manifest "
                                 f"has {', '.join(sequences)}", "pass one of them with --sequences")
     table = manifest[manifest["sequence"].isin(sequences)]
+    values, empty = _labels(where, table, spec)
+    spec = replace(spec, unit=_resolve_unit(table, spec, values, empty))
+    build = _volume_samples if spec.unit == "volume" else _subject_samples
+    samples, subjects, rows, labels, splits, dropped = build(where, table, spec, sequences, values, empty)
+    if not samples:
+        raise InputError(where, f"endpoint {spec.name!r}: no subject has a label"
+                                + (f" and all of {', '.join(sequences)}"
+                                   if len(sequences) > 1 and spec.unit == "subject" else ""),
+                         "fill in the label column")
+    split_of = {}
+    for subject, split in zip(subjects, splits):
+        split_of.setdefault(subject, set()).update(split)
+    bad = [subject for subject, split in split_of.items() if len(split) > 1]
+    if bad:
+        raise InputError(where, f"subject {bad[0]} has rows in different splits", "put all rows of a subject in "
+                                                                                   "one split")
+    split = np.array([next(iter(split_of[subject])) for subject in subjects])
+    split = split if (split != "").all() else None
+    y, classes = _targets(spec, labels)
+    return SubjectTable(spec, sequences, np.array(samples), np.array(subjects), rows, split, y, classes, dropped)
+
+
+def _resolve_unit(table: pd.DataFrame, spec: EndpointSpec, values: pd.Series, empty: pd.Series) -> str:
+    """``spec.unit`` with "auto" decided on the chosen rows' labels ``values`` (``empty`` [rows] bool)."""
+    if spec.unit != "auto":
+        return spec.unit
+    if spec.task == "segmentation":
+        return "subject"
+    if spec.target == "sequence":
+        return "volume"
+    filled = ~empty.to_numpy()
+    labels = pd.Series([tuple(np.atleast_1d(v)) for v in values[filled]], dtype=object)
+    distinct = labels.groupby(table["subject"].to_numpy()[filled]).nunique()
+    return "volume" if (distinct > 1).any() else "subject"
+
+
+def _subject_samples(where, table, spec, sequences, values, empty) -> tuple:
+    """One sample per subject having a label and every sequence → (samples, subjects, rows, labels, splits,
+    dropped)."""
     repeated = table.duplicated(["subject", "sequence"], keep="first")
     _reject(where, repeated, "subject listed twice with one sequence",
             "keep one volume per subject and sequence (or give the rows different sequence names)")
-    values, empty = _labels(where, table, spec)
     dropped = {}
     subjects, rows, labels, splits = [], [], [], []
     missing = unlabelled = 0
@@ -165,7 +228,8 @@ def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
         distinct = {tuple(np.atleast_1d(v)) for v in values.loc[labelled]}
         if len(distinct) > 1:
             raise InputError(where, f"endpoint {spec.name!r}: subject {subject} has different labels in rows "
-                                    f"{_rows(labelled)}", "give all rows of a subject the same label")
+                                    f"{_rows(labelled)}", "give all rows of a subject the same label, or pass "
+                                                          "--unit volume to predict each volume's own label")
         subjects.append(subject)
         rows.append(dict(zip(group["sequence"], group.index)))
         labels.append(values.loc[labelled[0]])
@@ -174,18 +238,27 @@ def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
         dropped["empty label"] = unlabelled
     if missing:
         dropped["missing sequence"] = missing
-    if not subjects:
-        raise InputError(where, f"endpoint {spec.name!r}: no subject has a label"
-                                + (f" and all of {', '.join(sequences)}" if len(sequences) > 1 else ""),
-                         "fill in the label column")
-    if any(len(s) > 1 for s in splits):
-        bad = [subj for subj, s in zip(subjects, splits) if len(s) > 1]
-        raise InputError(where, f"subject {bad[0]} has rows in different splits", "put all rows of a subject in "
-                                                                                   "one split")
-    split = np.array([next(iter(s)) for s in splits])
-    split = split if (split != "").all() else None
-    y, classes = _targets(spec, labels)
-    return SubjectTable(spec, sequences, np.array(subjects), rows, split, y, classes, dropped)
+    return list(subjects), subjects, rows, labels, splits, dropped
+
+
+def _volume_samples(where, table, spec, sequences, values, empty) -> tuple:
+    """One sample per labelled row, subjects in sorted order (rows in manifest order within a subject) →
+    (samples, subjects, rows, labels, splits, dropped)."""
+    ordered = table.sort_values("subject", kind="stable")
+    repeated = ordered.duplicated(["subject", "sequence"], keep=False).to_numpy()
+    samples, subjects, rows, labels, splits = [], [], [], [], []
+    for (index, record), twice in zip(ordered.iterrows(), repeated):
+        if empty.loc[index]:
+            continue
+        sequence = record["sequence"]
+        tail = f"row{index + FIRST_DATA_ROW}" if twice or sequence == "" else sequence
+        samples.append(f"{record['subject']}/{tail}")
+        subjects.append(record["subject"])
+        rows.append({sequence: index})
+        labels.append(values.loc[index])
+        splits.append({record["split"]})
+    unlabelled = int(empty.sum())
+    return samples, subjects, rows, labels, splits, {"empty label": unlabelled} if unlabelled else {}
 
 
 def _labels(where, table: pd.DataFrame, spec: EndpointSpec) -> tuple[pd.Series, pd.Series]:
@@ -276,13 +349,13 @@ def mask_grid_mismatch(image_path: str, mask_path: str) -> str | None:
 
 
 def restrict(table: SubjectTable, available_rows: set, reason: str) -> SubjectTable:
-    """The table without subjects having a manifest row outside ``available_rows`` (their rows counted in
+    """The table without samples having a manifest row outside ``available_rows`` (their rows counted in
     ``dropped[reason]``)."""
     keep = np.array([set(rows.values()) <= available_rows for rows in table.rows], dtype=bool)
     if keep.all():
         return table
     dropped = dict(table.dropped)
     dropped[reason] = dropped.get(reason, 0) + sum(len(r) for r, k in zip(table.rows, keep) if not k)
-    return SubjectTable(table.spec, table.sequences, table.subjects[keep], [r for r, k in zip(table.rows, keep) if k],
-                        None if table.split is None else table.split[keep], {k: v[keep] for k, v in table.y.items()},
-                        table.classes, dropped)
+    return SubjectTable(table.spec, table.sequences, table.samples[keep], table.subjects[keep],
+                        [r for r, k in zip(table.rows, keep) if k], None if table.split is None else table.split[keep],
+                        {k: v[keep] for k, v in table.y.items()}, table.classes, dropped)

@@ -1,9 +1,10 @@
 """Run one endpoint's protocol for every encoder on the same splits: fit heads, predict, score, compare.
 
 A *cell* is (encoder, setting, seed): the head is fitted on each fold's training subset and predicts that fold's
-test subjects; the folds' predictions are pooled and put in subject-table order, so every encoder, seed and
-setting of an endpoint is scored on the same subjects in the same order (CV: all subjects; split: the test
-subjects), which makes the bootstrap paired. Cells run in parallel worker processes (joblib).
+test samples; the folds' predictions are pooled and put in sample-table order, so every encoder, seed and
+setting of an endpoint is scored on the same samples in the same order (CV: all samples; split: the test
+samples), which makes the bootstrap paired. The bootstrap draws subjects (all of a drawn subject's samples come
+along). Cells run in parallel worker processes (joblib).
 """
 
 import os
@@ -16,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from braindino.errors import InputError
 from braindino.probe import metrics as M
-from braindino.probe.fitting import fit_predict, head_parameters, make_head
+from braindino.probe.fitting import fit_predict, head_parameters, make_head, select
 from braindino.probe.protocols import Setting, make_folds, strata, subsample
 from braindino.probe.results import Aggregate, Comparison, EndpointResult, MetricValue, Score
 
@@ -39,7 +40,7 @@ def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int
     """Folds and training subsets for every (setting, seed); raises InputError when the protocol is impossible."""
     task, name = table.spec.task, table.spec.name
     stratum = strata(task, table.y)
-    n = len(table.subjects)
+    n = table.n_subjects
     if table.split is None and n < n_folds:
         raise InputError(where, f"endpoint {name!r}: {n} subjects for {n_folds}-fold cross-validation",
                          "label more subjects or pass a smaller --folds")
@@ -76,17 +77,18 @@ def _infeasible(table, stratum, folds, setting: Setting) -> str | None:
     n_classes = len(table.classes)
     if n_classes < 2:
         return f"one class only ({table.classes[0]})"
+    noun = "subject" if table.spec.unit == "subject" else "volume"
     for seed_folds in folds.values():
         for fold in seed_folds:
             counts = np.bincount(stratum[fold.train], minlength=n_classes)
             where = "in training" if fold.name == "test" else f"in the training part of {fold.name}"
             if (counts == 0).any():
                 missing = table.classes[int(np.argmin(counts))]
-                return f"class {missing} has no subject {where}" + (" (one class in training)"
-                                                                    if (counts > 0).sum() < 2 else "")
+                return f"class {missing} has no {noun} {where}" + (" (one class in training)"
+                                                                   if (counts > 0).sum() < 2 else "")
             if setting.kind == "shot" and counts.min() < setting.amount:
                 short = int(np.argmin(counts))
-                return (f"{setting.name} needs {int(setting.amount)} subjects of class {table.classes[short]} "
+                return (f"{setting.name} needs {int(setting.amount)} {noun}s of class {table.classes[short]} "
                         f"{where}, found {counts.min()}")
     return None
 
@@ -96,27 +98,35 @@ def _subset_seed(seed: int, fold: int, setting: Setting) -> int:
                                        int(round(setting.amount * 1000))]).generate_state(1)[0])
 
 
-def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int) -> dict:
-    """Fit + predict every fold of one cell → dict(pred: prediction set in subject order, positions [m],
-    fold_names [m], head_parameters, n_train (mean over folds))."""
-    parts, positions, names, sizes, n_head = [], [], [], [], 0
+def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int,
+             attention: bool = False) -> dict:
+    """Fit + predict every fold of one cell → dict(pred: prediction set in sample order, positions [m],
+    fold_names [m], head_parameters, n_train (mean over folds); with ``attention`` (MIL heads) also
+    attention: [m] arrays [S_i] of slice weights, in the same order)."""
+    parts, positions, names, sizes, weights, n_head = [], [], [], [], [], 0
     for fold, train in zip(folds, subsets):
-        estimator = make_head(task, spec.head, spec.pooling, seed)
+        estimator = make_head(task, spec, seed)
         parts.append(fit_predict(task, estimator, inputs, y, train, fold.test, n_classes))
         n_head = head_parameters(estimator)
+        if attention:
+            weights += estimator.attention(select(inputs, fold.test))
         positions.append(fold.test)
         names += [fold.name] * len(fold.test)
         sizes.append(len(train))
     positions = np.concatenate(positions)
     order = np.argsort(positions, kind="stable")
     pred = {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
-    return {"pred": pred, "positions": positions[order], "fold_names": np.array(names)[order],
-            "head_parameters": n_head, "n_train": float(np.mean(sizes))}
+    output = {"pred": pred, "positions": positions[order], "fold_names": np.array(names)[order],
+              "head_parameters": n_head, "n_train": float(np.mean(sizes))}
+    if attention:
+        output["attention"] = [weights[i] for i in order]
+    return output
 
 
-def score_cell(task: str, pred: dict, n_bootstrap: int, confidence: float) -> dict:
-    """{metric: (value, low, high)} with the endpoint-wide seeded bootstrap draws."""
-    draws = M.bootstrap_indices(len(next(iter(pred.values()))), n_bootstrap, BOOTSTRAP_SEED)
+def score_cell(task: str, pred: dict, groups: np.ndarray, n_bootstrap: int, confidence: float) -> dict:
+    """{metric: (value, low, high)} with the endpoint-wide seeded subject-bootstrap draws (``groups`` [m]: the
+    subject of each predicted sample)."""
+    draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED)
     return M.score_with_ci(task, pred, draws, confidence)
 
 
@@ -125,16 +135,20 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
     """Every cell of one endpoint → (EndpointResult, cell outputs for predictions.csv).
 
     encoders: [{"name", "parameters", "inputs"}] (the model first); ``progress``: a tqdm-like bar (``update``).
+    MIL heads: the model's cell at 100 % with the first seed also returns its test samples' ``attention``.
     """
     spec, task = table.spec, table.spec.task
     n_classes = len(table.classes) if table.classes else None
     cells = [(encoder, setting, seed) for encoder in encoders for setting in plan.settings for seed in seeds]
-    jobs = (delayed(_cell_job)(task, spec, encoder["inputs"], table.y, plan.folds[seed],
+    jobs = (delayed(_cell_job)(task, spec, encoder["inputs"], table.y, table.subjects, plan.folds[seed],
                                plan.subsets[(setting.name, seed)], n_classes, seed, n_bootstrap, confidence,
-                               os.getpid())
+                               spec.pooling == "mil" and encoder is encoders[0] and seed == seeds[0]
+                               and setting == Setting("fraction", 100.0), os.getpid())
             for encoder, setting, seed in cells)
     outputs = []
     for output in Parallel(n_jobs=workers, return_as="generator")(jobs):
+        if "error" in output:
+            raise InputError(*output["error"])
         outputs.append(output)
         progress.update(1)
     metric_names = M.metric_names(task)
@@ -142,10 +156,11 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
         name=spec.name, task=task, target=spec.target, time=spec.time, event=spec.event, mask=spec.mask,
         sequences=table.sequences, fusion=spec.fusion, pooling=spec.pooling,
         head="attention-mil" if spec.pooling == "mil" else spec.head,
-        protocol="cv" if table.split is None else "split", folds=plan_folds(plan), n_subjects=len(table.subjects),
+        protocol="cv" if table.split is None else "split", folds=plan_folds(plan), n_subjects=table.n_subjects,
         dropped=dict(table.dropped), classes=table.classes, metrics=metric_names, headline=M.HEADLINE[task],
         higher_is_better={m: m not in M.LOWER_IS_BETTER for m in metric_names},
-        settings=[s.name for s in plan.settings], notes=list(plan.notes))
+        settings=[s.name for s in plan.settings], notes=list(plan.notes), unit=spec.unit,
+        n_samples=len(table.samples))
     rows = []
     for (encoder, setting, seed), output in zip(cells, outputs):
         total = output["head_parameters"] + encoder["parameters"]
@@ -158,19 +173,25 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
         rows.append({"encoder": encoder["name"], "setting": setting, "seed": seed, **output})
     result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds)
     by_cell = {(row["encoder"], row["setting"].name, row["seed"]): row["pred"] for row in rows}
-    result.comparisons = compare(task, result, encoders, seeds, by_cell, n_bootstrap, confidence, workers)
+    # every cell predicts the same samples in the same order
+    groups = table.subjects[rows[0]["positions"]] if rows else table.subjects
+    result.comparisons = compare(task, result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, workers)
     return result, rows
 
 
-def _cell_job(task, spec, inputs, y, folds, subsets, n_classes, seed, n_bootstrap, confidence,
-              parent_pid: int) -> dict:
+def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, n_bootstrap, confidence,
+              attention: bool, parent_pid: int) -> dict:
     """One cell with single-threaded BLAS (small matrices: threads only contend) and, in a worker process,
-    single-threaded torch (the workers already use the cores)."""
+    single-threaded torch (the workers already use the cores). An InputError comes back as
+    ``{"error": (path, cause, hint)}`` (it does not cross a process boundary as an exception)."""
     if os.getpid() != parent_pid and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     with threadpool_limits(limits=1):
-        output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed)
-        output["scores"] = score_cell(task, output["pred"], n_bootstrap, confidence)
+        try:
+            output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention)
+        except InputError as error:
+            return {"error": (error.path, error.cause, error.hint)}
+        output["scores"] = score_cell(task, output["pred"], subjects[output["positions"]], n_bootstrap, confidence)
     return output
 
 
@@ -193,8 +214,9 @@ def aggregate(result: EndpointResult, encoder_names: list[str], seeds: list[int]
 
 
 def compare(task: str, result: EndpointResult, encoders: list[dict], seeds: list[int], by_cell: dict,
-            n_bootstrap: int, confidence: float, workers: int) -> list[Comparison]:
-    """Paired bootstrap of the model (``encoders[0]``) vs each baseline, per setting, on the headline metric."""
+            groups: np.ndarray, n_bootstrap: int, confidence: float, workers: int) -> list[Comparison]:
+    """Paired bootstrap of the model (``encoders[0]``) vs each baseline, per setting, on the headline metric;
+    ``groups`` [m]: the subject of each predicted sample (the bootstrap draws subjects)."""
     model = encoders[0]["name"]
     pairs = [(setting, baseline["name"]) for setting in result.settings for baseline in encoders[1:]]
     metric = result.headline
@@ -206,9 +228,9 @@ def compare(task: str, result: EndpointResult, encoders: list[dict], seeds: list
     def _one(setting, baseline):
         model_preds = [by_cell[(model, setting, seed)] for seed in seeds]
         baseline_preds = [by_cell[(baseline, setting, seed)] for seed in seeds]
-        n = len(next(iter(model_preds[0].values())))
-        draws = M.bootstrap_indices(n, n_bootstrap, BOOTSTRAP_SEED + 1)
+        draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED + 1)
         diff, low, high, p = M.paired_bootstrap(task, metric, model_preds, baseline_preds, draws, confidence)
-        return Comparison(metric, setting, model, baseline, diff, low, high, p, n, n_bootstrap)
+        return Comparison(metric, setting, model, baseline, diff, low, high, p, len(set(groups.tolist())),
+                          n_bootstrap)
 
     return list(Parallel(n_jobs=workers)(delayed(one)(setting, baseline) for setting, baseline in pairs))

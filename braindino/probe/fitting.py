@@ -1,4 +1,4 @@
-"""Fit one head on training subjects and predict test subjects, as a prediction set (see ``metrics``).
+"""Fit one head on training samples and predict test samples, as a prediction set (see ``metrics``).
 
 Inputs: pooled ``X`` [n, P] (linear, mlp, knn heads) or a list of n bags ``[S_i, W]`` (attention-MIL). Targets come
 from the endpoint's ``SubjectTable.y``. Every hyperparameter is chosen by the heads' inner CV on training data.
@@ -6,20 +6,23 @@ from the endpoint's ``SubjectTable.y``. Every hyperparameter is chosen by the he
 
 import numpy as np
 
+from braindino.errors import InputError
 from braindino.probe.knn import KNNProbe
 
 
-def make_head(task: str, head: str, pooling: str, seed: int):
-    """A fresh, unfitted estimator: attention-MIL when ``pooling == "mil"``, else the ``head`` on pooled inputs."""
+def make_head(task: str, spec, seed: int):
+    """A fresh, unfitted estimator for ``spec`` (an EndpointSpec): attention-MIL when ``spec.pooling == "mil"``,
+    else ``spec.head`` on pooled inputs, wrapped in ``heads.BrainAgeCorrection`` (its bias fitted on the training
+    samples only) when ``spec.brain_age_correction``."""
     import heads
 
-    if pooling == "mil":
+    if spec.pooling == "mil":
         return heads.AttentionMILHead(task, random_state=seed)
-    if head == "knn":
+    if spec.head == "knn":
         return KNNProbe(task)
-    if head == "mlp":
-        return heads.MLPHead(task, random_state=seed)
-    return heads.make_linear_head(task, random_state=seed)
+    head = (heads.MLPHead(task, random_state=seed) if spec.head == "mlp"
+            else heads.make_linear_head(task, random_state=seed))
+    return heads.BrainAgeCorrection(head, random_state=seed) if spec.brain_age_correction else head
 
 
 def training_target(task: str, y: dict, index: np.ndarray):
@@ -39,12 +42,20 @@ def select(inputs, index: np.ndarray):
 
 def fit_predict(task: str, estimator, inputs, y: dict, train: np.ndarray, test: np.ndarray,
                 n_classes: int | None = None) -> dict:
-    """Fit on subjects ``train``, predict subjects ``test`` → prediction set over ``test`` (metrics' layout).
+    """Fit on samples ``train``, predict samples ``test`` → prediction set over ``test`` (metrics' layout).
 
     Classification probabilities are returned [n_test, n_classes] in class-code order (a class absent from the
     training subset gets probability 0). Survival ``high_risk`` compares test risks with the training median risk.
     """
-    estimator.fit(select(inputs, train), training_target(task, y, train))
+    from heads import BrainAgeCorrection
+
+    try:
+        estimator.fit(select(inputs, train), training_target(task, y, train))
+    except ValueError as error:
+        if isinstance(estimator, BrainAgeCorrection):      # e.g. predicted age does not rise with true age
+            raise InputError("--brain-age-correction", str(error).splitlines()[0], "train on more subjects "
+                             "(larger --fractions) or leave out the brain-age correction") from None
+        raise
     test_inputs = select(inputs, test)
     if task == "classification":
         prob = np.zeros((len(test), n_classes))
@@ -59,7 +70,10 @@ def fit_predict(task: str, estimator, inputs, y: dict, train: np.ndarray, test: 
 
 def head_parameters(estimator) -> int:
     """Trainable numbers of a fitted head: torch heads count their network's parameters; linear heads their
-    coefficients and intercepts; the kNN probe has none (it stores the training vectors)."""
+    coefficients and intercepts; the kNN probe has none (it stores the training vectors); a brain-age correction
+    adds its slope and intercept to its regressor's."""
+    if hasattr(estimator, "regressor_"):
+        return head_parameters(estimator.regressor_) + 2
     network = getattr(estimator, "network_", None)
     if network is not None:
         return int(sum(p.numel() for p in network.parameters()))

@@ -1,4 +1,4 @@
-"""Head inputs per subject from a features folder: slice bags, pooling, multi-sequence fusion.
+"""Head inputs per sample (subject, or volume) from a features folder: slice bags, pooling, multi-sequence fusion.
 
 A volume's bag is ``[S, 2D]``: each slice's CLS token concatenated with its mean patch token. The CLS token carries
 the encoder's global summary of the slice, the mean patch token the average of its local features; a linear head
@@ -7,7 +7,7 @@ over both can weight whichever of the two carries the endpoint (cheap: the featu
 Fusion of a subject's sequences (in the endpoint's order): pooled heads pool each sequence's bag, then ``concat``
 the pooled vectors (``[n_seq·P]``) or take their ``mean`` (``[P]``); attention-MIL ``concat`` stacks the sequences'
 slices into one bag (``[ΣS, 2D]``), ``mean`` averages the sequences' slice features at the axial positions (z) all
-of them have (``[S∩, 2D]``).
+of them have (``[S∩, 2D]``). With the volume unit each sample is one volume: its bag alone, nothing fused.
 """
 
 import numpy as np
@@ -40,53 +40,65 @@ def volume_bag(loaded: dict) -> np.ndarray:
 
 
 class SubjectBags:
-    """Every subject's per-sequence bags for one encoder.
+    """Every sample's per-sequence bags for one encoder, samples in table order.
 
-    ``bags[i][sequence]`` = ``[S, 2D]``; ``z[i][sequence]`` = ``[S]`` axial indices; subjects in table order.
+    ``bags[i][sequence]`` = ``[S, 2D]``; ``z[i][sequence]`` = ``[S]`` axial indices. Subject unit: one entry per
+    fused sequence; volume unit: one entry (the volume's own sequence) and nothing is fused.
     """
 
     def __init__(self, table: SubjectTable, features, rows: dict[int, int]):
         self.sequences = table.sequences
+        self.per_volume = table.spec.unit == "volume"
         self.bags, self.z = [], []
-        for subject_rows in table.rows:
+        for sample_rows in table.rows:
             bags, zs = {}, {}
-            for sequence, row in subject_rows.items():
+            for sequence, row in sample_rows.items():
                 loaded = features.load(rows[row])
                 bags[sequence] = volume_bag(loaded)
                 zs[sequence] = np.asarray(loaded["z"])
             self.bags.append(bags)
             self.z.append(zs)
 
+    def _keys(self, i: int) -> list[str]:
+        """The sequences of sample ``i``'s input, in fusion order."""
+        return list(self.bags[i]) if self.per_volume else self.sequences
+
     def pooled(self, method: str, fusion: str) -> np.ndarray:
-        """``[n, P]`` pooled, fused inputs: P = n_seq × width (concat) or width (mean); width = 2D (mean, max)
-        or 4D (meanmax)."""
+        """``[n, P]`` pooled, fused inputs: P = n_seq × width (concat) or width (mean, and the volume unit);
+        width = 2D (mean, max) or 4D (meanmax)."""
         from heads import SlicePooling
 
+        n_keys = 1 if self.per_volume else len(self.sequences)
         per_sequence = []
-        for sequence in self.sequences:
-            bags = [subject[sequence] for subject in self.bags]
+        for k in range(n_keys):
+            bags = [sample[self._keys(i)[k]] for i, sample in enumerate(self.bags)]
             per_sequence.append(SlicePooling(method).fit(bags).transform(bags))
         stacked = np.stack(per_sequence)                       # [n_seq, n, width]
         if fusion == "mean":
             return stacked.mean(axis=0).astype(np.float32)
         return np.concatenate(list(stacked), axis=1).astype(np.float32)
 
-    def mil(self, fusion: str, where="features") -> list[np.ndarray]:
-        """One bag per subject: ``[ΣS, 2D]`` (concat) or ``[S∩, 2D]`` at shared z (mean)."""
-        fused = []
-        for subject_bags, subject_z in zip(self.bags, self.z):
-            if fusion == "concat" or len(self.sequences) == 1:
-                fused.append(np.concatenate([subject_bags[s] for s in self.sequences]))
+    def mil(self, fusion: str, where="features") -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+        """One bag per sample: ``[ΣS, 2D]`` (concat) or ``[S∩, 2D]`` at shared z (mean), and each bag's slices as
+        (sequence [S'] str, z [S'] int) — the rows of attention weights."""
+        fused, slices = [], []
+        for i, (sample_bags, sample_z) in enumerate(zip(self.bags, self.z)):
+            keys = self._keys(i)
+            if fusion == "concat" or len(keys) == 1:
+                fused.append(np.concatenate([sample_bags[s] for s in keys]))
+                slices.append((np.concatenate([[s] * len(sample_z[s]) for s in keys]),
+                               np.concatenate([sample_z[s] for s in keys])))
                 continue
-            shared = set.intersection(*(set(subject_z[s].tolist()) for s in self.sequences))
+            shared = set.intersection(*(set(sample_z[s].tolist()) for s in keys))
             if not shared:
                 raise InputError(where, "the sequences of a subject share no axial slice, so their slice "
                                         "features cannot be averaged", "use --fusion concat")
             shared = sorted(shared)
-            positions = [{int(z): i for i, z in enumerate(subject_z[s])} for s in self.sequences]
-            fused.append(np.mean([subject_bags[s][[where_z[z] for z in shared]]
-                                  for s, where_z in zip(self.sequences, positions)], axis=0))
-        return fused
+            positions = [{int(z): j for j, z in enumerate(sample_z[s])} for s in keys]
+            fused.append(np.mean([sample_bags[s][[where_z[z] for z in shared]]
+                                  for s, where_z in zip(keys, positions)], axis=0))
+            slices.append((np.array(["+".join(keys)] * len(shared)), np.array(shared)))
+        return fused, slices
 
 
 def check_fingerprint(features, encoder, where) -> None:

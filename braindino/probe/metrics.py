@@ -1,6 +1,7 @@
 """Endpoint metrics (scikit-learn / scikit-survival / scipy), subject-bootstrap CIs and paired bootstrap tests.
 
-A *prediction set* is a dict of per-subject arrays, one row per test subject (index ``i`` = subject ``i``):
+A *prediction set* is a dict of per-sample arrays, one row per test sample (a subject, or one volume of a subject
+with the volume unit; index ``i`` = sample ``i``):
 
 - classification: ``y_true`` [n] int class codes 0..C-1, ``prob`` [n, C] float (rows sum to 1)
 - regression:     ``y_true`` [n] float, ``y_pred`` [n] float
@@ -9,8 +10,9 @@ A *prediction set* is a dict of per-subject arrays, one row per test subject (in
 - segmentation:   ``dice`` [n, L] float, per-subject Dice of each foreground label (NaN where the label is absent
                   from both the true and the predicted mask); ``labels`` [L] int
 
-Bootstrap resamples subjects with replacement (same seeded draws for every encoder, so tests are paired); a
-resample where a metric is undefined (e.g. one class only) is left out of that metric's interval.
+Bootstrap resamples subjects with replacement, each drawn subject bringing all its samples (a cluster bootstrap;
+``cluster_bootstrap_indices``); the same seeded draws serve every encoder, so tests are paired. A resample where a
+metric is undefined (e.g. one class only) is left out of that metric's interval.
 """
 
 import warnings
@@ -65,9 +67,31 @@ def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 
-def score_with_ci(task: str, pred: dict, draws: np.ndarray, confidence: float = 0.95) -> dict[str, tuple]:
-    """{metric: (value, low, high)}: point estimate on all subjects and percentile bootstrap CI over ``draws``
-    [B, n]; low/high are None for metrics without a CI (logrank_p) or when every resample was undefined."""
+def cluster_bootstrap_indices(groups, n_resamples: int, seed: int) -> list[np.ndarray]:
+    """B resamples of sample positions: each draws the G subjects (``groups`` [n], the subject of each sample) with
+    replacement and takes every sample of each drawn subject (in position order) → list of B int arrays, each of
+    length Σ over drawn subjects of their sample counts. Subjects are numbered by first appearance, so with one
+    sample per subject in subject order the draws equal ``bootstrap_indices(n, B, seed)`` exactly."""
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=int)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    cluster = rank[inverse.ravel()]                                   # [n] subject number by first appearance
+    members = np.argsort(cluster, kind="stable")                      # positions grouped by subject
+    sizes = np.bincount(cluster, minlength=len(first))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    picks = bootstrap_indices(len(first), n_resamples, seed)          # [B, G] drawn subject numbers
+    draws = []
+    for row in picks:
+        lengths = sizes[row]
+        offsets = np.repeat(starts[row] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        draws.append(members[np.arange(lengths.sum()) + offsets])
+    return draws
+
+
+def score_with_ci(task: str, pred: dict, draws, confidence: float = 0.95) -> dict[str, tuple]:
+    """{metric: (value, low, high)}: point estimate on all samples and percentile bootstrap CI over ``draws``
+    ([B, n] or a list of B index arrays); low/high are None for metrics without a CI (logrank_p) or when every
+    resample was undefined."""
     point = compute_metrics(task, pred)
     names = [name for name in point if name not in NOT_BOOTSTRAPPED]
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):   # inputs checked once above
@@ -84,13 +108,14 @@ def score_with_ci(task: str, pred: dict, draws: np.ndarray, confidence: float = 
 
 
 def paired_bootstrap(task: str, metric: str, model_preds: list[dict], baseline_preds: list[dict],
-                     draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """Paired test of model vs baseline on the same subjects: (difference, low, high, p_value).
+                     draws, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Paired test of model vs baseline on the same samples: (difference, low, high, p_value).
 
-    ``model_preds`` / ``baseline_preds``: one prediction set per seed, all over the same subjects in the same order.
-    The difference is the seed-mean of metric(model) − metric(baseline); each resample [n] of ``draws`` [B, n] is
-    applied to every seed. p is two-sided: 2 × the smaller share of resampled differences on either side of 0
-    (with the +1 correction of a permutation-style estimate), capped at 1.
+    ``model_preds`` / ``baseline_preds``: one prediction set per seed, all over the same samples in the same order.
+    The difference is the seed-mean of metric(model) − metric(baseline); each resample of ``draws`` ([B, n] or a
+    list of B index arrays, see ``cluster_bootstrap_indices``) is applied to every seed. p is two-sided: 2 × the
+    smaller share of resampled differences on either side of 0 (with the +1 correction of a permutation-style
+    estimate), capped at 1.
     """
     def difference(index):
         diffs = [compute_metrics(task, m, index, [metric])[metric] - compute_metrics(task, b, index, [metric])[metric]

@@ -1,4 +1,5 @@
-"""Write a probe run's files (``predictions.csv``, ``metrics.json``) and its console lines.
+"""Write a probe run's files (``predictions.csv``, ``metrics.json``, ``attention/<endpoint>.csv``) and its console
+lines.
 
 Column layout of ``predictions.csv``: see :mod:`braindino.probe.results`.
 """
@@ -12,11 +13,12 @@ import pandas as pd
 from braindino.atomic import atomic_path, atomic_write_text
 from braindino.probe.results import EndpointResult, ProbeResults
 
-FIXED_COLUMNS = ["endpoint", "encoder", "setting", "kind", "amount", "seed", "subject", "split", "y_true"]
+FIXED_COLUMNS = ["endpoint", "encoder", "setting", "kind", "amount", "seed", "subject", "sample", "split",
+                 "y_true"]
 
 
 def prediction_rows(table, cells: list[dict]) -> list[dict]:
-    """One dict per (cell, test subject) of one endpoint (``cells`` from evaluate / segmentation)."""
+    """One dict per (cell, test sample) of one endpoint (``cells`` from evaluate / segmentation)."""
     task, classes = table.spec.task, table.classes
     rows = []
     for cell in cells:
@@ -24,7 +26,7 @@ def prediction_rows(table, cells: list[dict]) -> list[dict]:
         for j, (position, split) in enumerate(zip(cell["positions"], cell["fold_names"])):
             row = {"endpoint": table.spec.name, "encoder": cell["encoder"], "setting": setting.name,
                    "kind": setting.kind, "amount": setting.amount, "seed": cell["seed"],
-                   "subject": table.subjects[position], "split": split}
+                   "subject": table.subjects[position], "sample": table.samples[position], "split": split}
             if task == "classification":
                 row["y_true"] = classes[pred["y_true"][j]]
                 row["y_pred"] = classes[int(np.argmax(pred["prob"][j]))]
@@ -48,6 +50,19 @@ def write_predictions(path, rows: list[dict]) -> None:
     columns = FIXED_COLUMNS + [c for c in table.columns if c not in FIXED_COLUMNS]
     with atomic_path(path) as tmp:
         table.reindex(columns=columns).to_csv(tmp, index=False)
+
+
+def write_attention(path, table, cell: dict, slices: list[tuple]) -> None:
+    """Atomically write one MIL cell's attention: a row per (test sample, slice) with sample, subject, sequence, z,
+    weight (a sample's weights sum to 1). ``slices[i]`` = (sequence [S_i], z [S_i]) of table sample ``i``'s bag."""
+    frames = []
+    for position, weights in zip(cell["positions"], cell["attention"]):
+        sequence, z = slices[position]
+        frames.append(pd.DataFrame({"sample": table.samples[position], "subject": table.subjects[position],
+                                    "sequence": sequence, "z": np.asarray(z, dtype=int),
+                                    "weight": np.asarray(weights, dtype=float)}))
+    with atomic_path(path) as tmp:
+        pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
 
 
 def write_metrics(path, results: ProbeResults) -> None:

@@ -1,12 +1,14 @@
-"""Evaluation protocols over SUBJECTS: train/test folds, training fractions, k-shot subsets, seeds.
+"""Evaluation protocols split by SUBJECT: train/test folds, training fractions, k-shot subsets, seeds.
 
-Everything here works on positions 0..n-1 of an endpoint's subject table (one row per subject, all of a subject's
-sequences fused into that row), so a subject — and every volume of it — is always wholly in training or in test.
+Everything here works on positions 0..n-1 of an endpoint's sample table: one sample per subject (all of a subject's
+sequences fused into it) or, with the volume unit, one per volume, each carrying its subject. Folds are grouped by
+subject, so a subject — and every volume of it — is always wholly in training or in test.
 
-- ``make_folds``: the manifest's split column when every subject has one (train + val → training, test → test),
-  else subject-level stratified k-fold CV (``StratifiedGroupKFold`` grouped by subject, shuffled by the seed).
-- ``subsample``: a training fraction (stratified, ≥ 1 subject per class for classification) or k shots per class,
-  drawn from the fold's training part only.
+- ``make_folds``: the manifest's split column when every sample has one (train + val → training, test → test),
+  else subject-grouped stratified k-fold CV (``StratifiedGroupKFold`` grouped by subject, shuffled by the seed).
+- ``subsample``: a training fraction (stratified, ≥ 1 sample per class for classification) or k shots per class,
+  drawn from the fold's training part only (so from training subjects only; volumes of a training subject may be
+  drawn apart).
 """
 
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ N_QUANTILE_BINS = 4          # regression targets are stratified on quartiles
 @dataclass(frozen=True)
 class Setting:
     """One training-set size: ``kind`` "fraction" (``amount`` percent of the training part) or "shot"
-    (``amount`` subjects per class)."""
+    (``amount`` samples per class)."""
 
     kind: str
     amount: float
@@ -34,7 +36,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Fold:
-    """Positions into the subject table: ``train`` [n_train] int, ``test`` [n_test] int; ``name`` is "test" for
+    """Positions into the sample table: ``train`` [n_train] int, ``test`` [n_test] int; ``name`` is "test" for
     the manifest's split, "fold-<k>" for CV."""
 
     name: str
@@ -43,7 +45,7 @@ class Fold:
 
 
 def strata(task: str, y: dict) -> np.ndarray | None:
-    """[n] int stratum of each subject: class code (classification), target quartile (regression), event
+    """[n] int stratum of each sample: class code (classification), target quartile (regression), event
     (survival); None for segmentation (no stratification)."""
     if task == "classification":
         return np.asarray(y["code"], dtype=int)
@@ -58,9 +60,10 @@ def strata(task: str, y: dict) -> np.ndarray | None:
 
 def make_folds(subjects: np.ndarray, split: np.ndarray | None, stratum: np.ndarray | None, n_folds: int,
                seed: int) -> list[Fold]:
-    """Train/test folds over the subject table.
+    """Train/test folds over the sample table; no subject is in both parts of a fold.
 
-    subjects [n] str (unique), split [n] str in {"train", "val", "test"} or None (then CV), stratum [n] int or None.
+    subjects [n] str: each sample's subject (unique for the subject unit); split [n] str in {"train", "val",
+    "test"} (one per subject) or None (then CV); stratum [n] int or None.
     CV: ``StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)`` with groups = subjects.
     """
     n = len(subjects)
@@ -77,8 +80,8 @@ def subsample(train: np.ndarray, stratum: np.ndarray | None, setting: Setting, s
               at_least_one_per_stratum: bool) -> np.ndarray:
     """Sorted positions [m] ⊆ ``train`` for one setting.
 
-    fraction: round(percent/100 × n) subjects drawn per stratum in proportion (largest remainders), ≥ 1 per stratum
-    when ``at_least_one_per_stratum`` (classification), ≥ 2 overall; shot: ``amount`` subjects of every class
+    fraction: round(percent/100 × n) samples drawn per stratum in proportion (largest remainders), ≥ 1 per stratum
+    when ``at_least_one_per_stratum`` (classification), ≥ 2 overall; shot: ``amount`` samples of every class
     (``stratum`` = class codes; the caller checked there are enough).
     """
     rng = np.random.default_rng(seed)

@@ -10,37 +10,43 @@ Layout (every level a dataclass; ``ProbeResults.to_dict()`` is exactly ``metrics
 
     EndpointResult
       name, task ("classification" | "regression" | "survival" | "segmentation"), target, time, event, mask,
-      sequences [str] (fused per subject, in this order), fusion ("concat" | "mean"), pooling, head,
+      sequences [str] (fused per subject, in this order; unit volume: the sequences whose volumes are samples),
+      fusion ("concat" | "mean"), pooling, head,
       protocol ("split": the manifest's split column, train+val → training, test → test | "cv": subject-grouped
       stratified k-fold, predictions pooled over the folds), folds (int | None),
       n_subjects (subjects with a label), dropped {reason: n rows} (e.g. "empty label": 3),
+      unit ("subject": one sample per subject, its sequences fused | "volume": one sample per volume, e.g. MRI
+      sequence classification; folds and bootstrap still go by subject), n_samples (= n_subjects for the subject
+      unit; metrics.json written before units existed lacks both and reads back as subject unit),
       classes [str] | None (classification: the label values, in the column order of the probabilities),
       metrics [str] (names, report order), headline (the metric shown first), higher_is_better {metric: bool},
       settings [str] in order, e.g. ["1%", "10%", "25%", "50%", "100%", "1-shot", "5-shot"],
       scores [Score], aggregates [Aggregate], comparisons [Comparison], notes [str] (e.g. a skipped setting),
       mask_dir (segmentation: folder of predicted masks relative to run_dir, else None)
 
-    Score            one (encoder, setting, seed): predictions over the test subjects (pooled over CV folds)
+    Score            one (encoder, setting, seed): predictions over the test samples (pooled over CV folds)
       encoder, setting, kind ("fraction" | "shot"), amount (percent, or shots per class), seed,
-      n_train (training subjects used, mean over folds for CV), n_test (subjects predicted),
+      n_train (training samples used, mean over folds for CV), n_test (samples predicted),
       metrics {metric: MetricValue}, head_parameters (trainable numbers in the head),
       fraction_trained = head_parameters / (head_parameters + encoder parameters)
 
-    MetricValue      value, low, high: point estimate and 95 % bootstrap CI (subjects resampled); low/high are
-                     None where no CI is defined (logrank_p)
+    MetricValue      value, low, high: point estimate and 95 % bootstrap CI (subjects resampled with all their
+                     samples); low/high are None where no CI is defined (logrank_p)
 
     Aggregate        encoder, setting, metric, mean, std (over seeds, ddof=0), n_seeds
 
     Comparison       model vs one baseline, one setting, the endpoint's headline metric, paired over the same test
-                     subjects: metric, setting, model, baseline, difference (seed-mean model − baseline), low, high
-                     (95 % CI of the difference), p_value (two-sided paired bootstrap), n_subjects, n_resamples
+                     samples: metric, setting, model, baseline, difference (seed-mean model − baseline), low, high
+                     (95 % CI of the difference), p_value (two-sided paired bootstrap over subjects), n_subjects
+                     (test subjects), n_resamples
 
 Metric names: classification ``balanced_accuracy``, ``auc`` (macro one-vs-rest), ``f1_macro``; regression ``mae``,
 ``pearson_r``; survival ``c_index`` (Harrell), ``logrank_p`` (high vs low risk split at the training median risk);
 segmentation ``dice_mean`` and ``dice_<label>`` per foreground label.
 
-``predictions.csv`` (one row per endpoint × encoder × setting × seed × test subject): endpoint, encoder, setting,
-kind, amount, seed, subject, split (``test`` or ``fold-<k>``), y_true, then per task: classification ``y_pred`` and
+``predictions.csv`` (one row per endpoint × encoder × setting × seed × test sample): endpoint, encoder, setting,
+kind, amount, seed, subject, sample (the subject, or "<subject>/<sequence>" for the volume unit), split (``test``
+or ``fold-<k>``), y_true, then per task: classification ``y_pred`` and
 ``prob_<class>`` per class; regression ``y_pred``; survival ``risk``, ``time``, ``event``, ``risk_group``
 (``high``/``low`` vs the training median); segmentation ``mask`` (predicted NIfTI, relative to run_dir) and
 ``dice_<label>``.
@@ -132,6 +138,12 @@ class EndpointResult:
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mask_dir: str | None = None
+    unit: str = "subject"
+    n_samples: int | None = None
+
+    def __post_init__(self):
+        if self.n_samples is None:
+            self.n_samples = self.n_subjects
 
     def score(self, encoder: str, setting: str, seed: int) -> Score:
         """The score of one (encoder, setting, seed); KeyError if that cell was not run."""

@@ -77,7 +77,7 @@ def evaluate_segmentation(table, plan, encoders: list[dict], seeds: list[int], n
         n_subjects=len(table.subjects), dropped=dict(table.dropped), classes=None, metrics=metric_names,
         headline="dice_mean", higher_is_better={m: True for m in metric_names},
         settings=[s.name for s in plan.settings], notes=list(plan.notes),
-        mask_dir=os.path.join(MASKS_DIR, table.spec.name))
+        mask_dir=os.path.join(MASKS_DIR, table.spec.name), n_samples=len(table.samples))
     largest = max(plan.settings, key=lambda s: (s.kind == "fraction", s.amount))     # its masks are written
     rows, by_cell = [], {}
     for encoder in encoders:
@@ -100,7 +100,8 @@ def evaluate_segmentation(table, plan, encoders: list[dict], seeds: list[int], n
                 by_cell[(encoder["name"], setting.name, seed)] = output["pred"]
                 progress.update(1)
     result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds)
-    result.comparisons = compare("segmentation", result, encoders, seeds, by_cell, n_bootstrap, confidence, 1)
+    groups = table.subjects[rows[0]["positions"]] if rows else table.subjects
+    result.comparisons = compare("segmentation", result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, 1)
     return result, rows
 
 
