@@ -147,3 +147,23 @@ def test_bad_inputs_are_one_error_line(tiny_model, cohort, tmp_path, capsys):
     (other / "index.csv").write_text("path,subject,feature_file,model_fingerprint,content_hash,n_slices\n")
     assert "features were made by" in error("--task", "classification", "--target", "dx", "--features", str(other))
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_protocol_cv_ignores_the_split_column_and_split_needs_one(tiny_model, cohort, tmp_path, capsys):
+    table = pd.read_csv(cohort)
+    table["split"] = ["test" if int(s[-2:]) < 4 else "train" for s in table["subject"]]
+    with_split = cohort.parent / "with_split.csv"
+    table.to_csv(with_split, index=False)
+    args = ["--model", str(tiny_model), "--no-default-baselines", "--task", "classification", "--target", "dx",
+            "--shots", "", "--fractions", "100", "--seeds", "0", "--folds", "3", "--bootstrap", "20",
+            "--workers", "1", "--device", "cpu"]
+    assert main([*args, "--manifest", str(with_split), "--out", str(tmp_path / "auto")]) == 0
+    auto = ProbeResults.from_dict(json.loads((tmp_path / "auto" / "metrics.json").read_text(encoding="utf-8")))
+    assert auto.endpoints[0].protocol == "split" and auto.endpoints[0].scores[0].n_test == 4
+    assert main([*args, "--manifest", str(with_split), "--protocol", "cv", "--out", str(tmp_path / "cv")]) == 0
+    cv = ProbeResults.from_dict(json.loads((tmp_path / "cv" / "metrics.json").read_text(encoding="utf-8")))
+    assert cv.endpoints[0].protocol == "cv" and cv.endpoints[0].scores[0].n_test == N_SUBJECTS
+    capsys.readouterr()
+    assert main([*args, "--manifest", str(cohort), "--protocol", "split", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--protocol split" in err[0]

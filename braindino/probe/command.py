@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "enough training subjects; pass an empty string for none)")
     parser.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds (default 0,1,2)")
     parser.add_argument("--folds", type=int, default=5, help="CV folds when there is no split column (default 5)")
+    parser.add_argument("--protocol", choices=("auto", "split", "cv"), default="auto",
+                        help="split: train on the manifest's train+val rows, test on its test rows; cv: subject-"
+                             "grouped k-fold over every labelled subject (ignores the split column); auto (default): "
+                             "split when every subject has one, else cv")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples of subjects for CIs and paired tests (default 1000)")
     parser.add_argument("--features", metavar="FEATURES", help="features of --model made by braindino extract "
@@ -144,7 +148,7 @@ def probe(args) -> int:
     assert_no_duplicate_rows(manifest)
     where = manifest.attrs["manifest_path"]
     specs = endpoint_specs(args)
-    tables = [build_table(manifest, spec) for spec in specs]
+    tables = [apply_protocol(build_table(manifest, spec), args.protocol, where) for spec in specs]
     for table in tables:
         plan_endpoint(table, settings, seeds, args.folds, explicit_shots, where)
         if table.spec.task == "segmentation":
@@ -163,6 +167,16 @@ def probe(args) -> int:
     failed = extract_all(args, encoders, used, run_dir, patch_tokens)
     return evaluate_all(args, manifest, tables, encoders, settings, seeds, explicit_shots, failed, run_dir,
                         started)
+
+
+def apply_protocol(table, protocol: str, where):
+    """``--protocol cv`` drops the table's split (cross-validation over every subject); ``split`` requires one."""
+    if protocol == "cv":
+        table.split = None
+    elif protocol == "split" and table.split is None:
+        raise InputError(where, f"endpoint {table.spec.name!r}: --protocol split needs a train/val/test split for "
+                                "every subject", "fill in the split column, or use --protocol cv")
+    return table
 
 
 def load_encoders(args) -> list[dict]:
