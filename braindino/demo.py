@@ -1,68 +1,132 @@
 """``braindino demo``: the main job end to end on the embedded synthetic cohort, on whatever machine this is.
 
-synth (NIfTI cohort from the MNI152 template) → prepare (slice store) → pretrain (ViT-Tiny DINO + iBOT + KoLeo)
-→ a summary of each stage. Every stage writes its own folder under ``--out`` and can be rerun on its own.
+synth (training cohort) → prepare (slice store) → pretrain (ViT-Tiny DINO + iBOT + KoLeo) → export (model folder)
+→ synth (a held-out cohort made with another seed: subjects the encoder never saw) → probe every endpoint of that
+cohort by subject-grouped cross-validation against a random-init encoder of the same architecture and the non-deep
+pixel baseline → one report (report.md + report.html).
+Every stage writes its own folder under ``--out``; rerunning the demo skips what is already done.
 """
 
 import argparse
 import time
 from pathlib import Path
 
+from braindino.atomic import atomic_write_text
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino_vit_tiny_cpu.yaml"
+
+# The held-out cohort's endpoints (columns of `braindino synth`'s manifest). Focal findings (tumour, stroke) live in
+# a few slices, so those endpoints pool slices by their maximum; global ones (sequence, age) by the mean.
+ENDPOINTS_YAML = """\
+- {name: sequence, task: classification, target: sequence, pooling: mean}
+- {name: diagnosis, task: classification, target: diagnosis, sequences: [T1w, FLAIR], pooling: meanmax}
+- {name: age, task: regression, target: age, sequences: [T1w], pooling: mean}
+- {name: mutation, task: classification, target: mutation, sequences: [T1c, FLAIR], pooling: max}
+- {name: survival, task: survival, time: time, event: event, sequences: [T1c, FLAIR], pooling: max}
+- {name: months_since_stroke, task: regression, target: months_since_stroke, sequences: [FLAIR], pooling: max}
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo", help="folder for the cohort, the slice store and the run")
-    parser.add_argument("--subjects", type=int, default=16, help="synthetic subjects (4 sequences each)")
+    parser.add_argument("--out", default="demo", help="folder for the cohorts, the store, the run, the model, "
+                                                      "the probe report")
+    parser.add_argument("--subjects", type=int, default=16, help="training-cohort subjects (4 sequences each)")
+    parser.add_argument("--heldout-subjects", type=int, default=32,
+                        help="subjects of the held-out cohort the encoder is probed on (made with seed + 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=1.0, help="voxel size of the synthetic volumes in mm")
     parser.add_argument("--iters", type=int, default=300, help="pretraining steps")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for synth and prepare")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for synth, prepare and probe")
     parser.add_argument("--config", default=str(CONFIG), help="pretraining config (default: ViT-Tiny on CPU)")
+    parser.add_argument("--fractions", default="10,100", help="probe training fractions in percent")
+    parser.add_argument("--seeds", default="0,1,2", help="probe seeds")
+    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs and paired tests")
 
 
 def run(args: argparse.Namespace) -> int:
     from braindino.cli import main as braindino
 
     out = Path(args.out)
-    cohort, store, run_dir = out / "cohort", out / "store", out / "run"
-    started = time.perf_counter()
-    print(f"[1/3] synthesising {args.subjects} subjects into {cohort}")
-    status = braindino(["synth", "--out", str(cohort), "--subjects", str(args.subjects), "--seed", str(args.seed),
-                        "--resolution", str(args.resolution), "--workers", str(args.workers)])
-    if status:
-        return status
-    print(f"[2/3] preparing the slice store {store}")
-    status = braindino(["prepare", "--manifest", str(cohort / "manifest.csv"), "--out", str(store),
-                        "--workers", str(args.workers)])
-    if status:
-        return status
-    print(f"[3/3] pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}")
-    train_args = ["train", "--config", args.config, "--data", str(store), "--out", str(run_dir),
-                  f"optim.iters={args.iters}", f"seed={args.seed}", "train.knn_label=sequence",
-                  f"train.knn_every={max(args.iters // 3, 1)}"]
-    if (run_dir / "checkpoints").exists():
-        train_args.append("--resume")
-    status = braindino(train_args)
-    if status:
-        return status
-    print(demo_summary(run_dir, time.perf_counter() - started))
+    cohort, store, run_dir, model = out / "cohort", out / "store", out / "run", out / "model"
+    heldout, probe_dir = out / "heldout", out / "probe"
+    clock = StageClock()
+
+    def synth(folder: Path, subjects: int, seed: int) -> int:
+        if (folder / "manifest.csv").exists():
+            print(f"  {folder}/manifest.csv exists: kept")
+            return 0
+        return braindino(["synth", "--out", str(folder), "--subjects", str(subjects), "--seed", str(seed),
+                          "--resolution", str(args.resolution), "--workers", str(args.workers)])
+
+    def pretrain() -> int:
+        train_args = ["train", "--config", args.config, "--data", str(store), "--out", str(run_dir),
+                      f"optim.iters={args.iters}", f"seed={args.seed}", "train.knn_label=sequence",
+                      f"train.knn_every={max(args.iters // 3, 1)}"]
+        return braindino(train_args + (["--resume"] if (run_dir / "checkpoints").exists() else []))
+
+    def probe() -> int:
+        endpoints = out / "endpoints.yaml"
+        atomic_write_text(endpoints, ENDPOINTS_YAML)
+        return braindino(["probe", "--model", str(model), "--manifest", str(heldout / "manifest.csv"),
+                          "--endpoints", str(endpoints), "--protocol", "cv", "--skip-infeasible",
+                          "--fractions", args.fractions,
+                          "--shots", "",
+                          "--seeds", args.seeds, "--bootstrap", str(args.bootstrap), "--workers",
+                          str(args.workers), "--out", str(probe_dir)])
+
+    stages = [
+        (f"synthesising {args.subjects} training subjects into {cohort}", lambda: synth(cohort, args.subjects,
+                                                                                        args.seed)),
+        (f"preparing the slice store {store}",
+         lambda: braindino(["prepare", "--manifest", str(cohort / "manifest.csv"), "--out", str(store),
+                            "--workers", str(args.workers)])),
+        (f"pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}", pretrain),
+        (f"exporting the teacher to {model}",
+         lambda: braindino(["export", "--checkpoint", str(run_dir), "--out", str(model)])),
+        (f"synthesising {args.heldout_subjects} held-out subjects (seed {args.seed + 1}) into {heldout}",
+         lambda: synth(heldout, args.heldout_subjects, args.seed + 1)),
+        (f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels) into {probe_dir}", probe),
+    ]
+    for number, (title, stage) in enumerate(stages, 1):
+        print(f"[{number}/{len(stages)}] {title}", flush=True)
+        status = clock.time(title.split(" ")[0], stage)
+        if status:
+            return status
+    print(demo_summary(run_dir, probe_dir, clock))
     return 0
 
 
-def demo_summary(run_dir: Path, seconds: float) -> str:
-    """One line per monitor: loss and collapse indicators at the start and end of pretraining."""
+class StageClock:
+    """Wall time of each stage, for the summary."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: list[tuple[str, float]] = []
+
+    def time(self, name: str, stage) -> int:
+        begin = time.perf_counter()
+        status = stage()
+        self.seconds.append((name, time.perf_counter() - begin))
+        return status
+
+    def line(self) -> str:
+        total = time.perf_counter() - self.started
+        return f"demo finished in {total:.0f}s (" + ", ".join(f"{n} {s:.0f}s" for n, s in self.seconds) + ")"
+
+
+def demo_summary(run_dir: Path, probe_dir: Path, clock: StageClock) -> str:
+    """Pretraining monitors at the start and end, then the held-out comparison per endpoint."""
     from braindino.train.metrics_log import read_metrics
 
     records = read_metrics(run_dir)
     monitored = [r for r in records if "monitor/effective_rank" in r]
     losses = [r["loss/total"] for r in records if "loss/total" in r]
-    lines = [f"demo finished in {seconds:.0f}s; run: {run_dir}"]
+    lines = [clock.line(), f"  run: {run_dir}; report: {probe_dir / 'report.md'} and report.html"]
     if losses:
         lines.append(f"  loss (total): {losses[0]:.4f} at the first log -> {losses[-1]:.4f} at the last")
     if monitored:
         first, last = monitored[0], monitored[-1]
-        for key in ("effective_rank", "feature_std", "student_teacher_kl", "teacher_entropy", "prototype_usage"):
+        for key in ("effective_rank", "feature_std", "student_teacher_kl"):
             if f"monitor/{key}" in last:
                 lines.append(f"  {key}: {first[f'monitor/{key}']:.4f} at step {first['step'] + 1} -> "
                              f"{last[f'monitor/{key}']:.4f} at step {last['step'] + 1}")
@@ -71,4 +135,49 @@ def demo_summary(run_dir: Path, seconds: float) -> str:
     if knn and initial:
         lines.append(f"  kNN accuracy of the MRI sequence on held-out volumes: {initial[0]:.3f} with random weights "
                      f"-> {knn[-1]['monitor/knn_accuracy']:.3f} after pretraining")
+    lines.extend(heldout_comparison(probe_dir))
     return "\n".join(lines)
+
+
+def heldout_comparison(probe_dir: Path) -> list[str]:
+    """One line per endpoint: the headline metric of each encoder at the largest training fraction, and whether
+    the pretrained encoder beat each baseline there (paired bootstrap)."""
+    import json
+
+    from braindino.probe.results import ProbeResults
+
+    path = probe_dir / "metrics.json"
+    if not path.exists():
+        return []
+    results = ProbeResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    lines = ["  held-out cohort, largest training fraction (mean over seeds [95% CI of the first seed]):"]
+    for endpoint in results.endpoints:
+        fractions = [s for s in endpoint.scores if s.kind == "fraction"]
+        if not fractions:
+            continue
+        setting = max(fractions, key=lambda s: s.amount).setting
+        parts = []
+        for encoder in results.encoders:
+            try:
+                aggregate = endpoint.aggregate(encoder.name, setting, endpoint.headline)
+                value = endpoint.score(encoder.name, setting, results.seeds[0]).metrics[endpoint.headline]
+            except KeyError:
+                continue
+            parts.append(f"{encoder.name if encoder.role == 'baseline' else 'pretrained'} {aggregate.mean:.3f} "
+                         f"[{_fmt(value.low)}, {_fmt(value.high)}]")
+        verdicts = [_verdict(c, endpoint.higher_is_better[endpoint.headline]) for c in endpoint.comparisons
+                    if c.setting == setting]
+        lines.append(f"    {endpoint.name} ({endpoint.headline}, {setting}): " + "; ".join(parts)
+                     + (" — " + ", ".join(verdicts) if verdicts else ""))
+    return lines
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _verdict(comparison, higher_is_better: bool) -> str:
+    better = comparison.difference > 0 if higher_is_better else comparison.difference < 0
+    if comparison.p_value is None or not comparison.p_value < 0.05:
+        return f"no significant difference vs {comparison.baseline} (p={_fmt(comparison.p_value)})"
+    return f"{'better' if better else 'worse'} than {comparison.baseline} (p={comparison.p_value:.3f})"

@@ -167,3 +167,24 @@ def test_protocol_cv_ignores_the_split_column_and_split_needs_one(tiny_model, co
     assert main([*args, "--manifest", str(cohort), "--protocol", "split", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--protocol split" in err[0]
+
+
+def test_skip_infeasible_runs_the_feasible_endpoints_and_names_the_others(tiny_model, cohort, tmp_path, capsys):
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("- {name: dx, task: classification, target: dx}\n"
+                         "- {name: nothing, task: regression, target: age, sequences: [T1]}\n", encoding="utf-8")
+    table = pd.read_csv(cohort)
+    table.loc[table["subject"] != "sub-00", "age"] = None          # one labelled subject: no CV possible
+    sparse = cohort.parent / "sparse_age.csv"
+    table.to_csv(sparse, index=False)
+    args = ["--model", str(tiny_model), "--no-default-baselines", "--manifest", str(sparse), "--endpoints",
+            str(endpoints), "--shots", "", "--fractions", "100", "--seeds", "0", "--folds", "3", "--bootstrap", "20",
+            "--workers", "1", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 2              # without the flag: one error, no work
+    assert not (tmp_path / "strict" / "metrics.json").exists()
+    capsys.readouterr()
+    assert main([*args, "--skip-infeasible", "--out", str(tmp_path / "lenient")]) == 0
+    err = capsys.readouterr().err
+    assert "endpoint 'nothing' skipped" in err
+    results = ProbeResults.from_dict(json.loads((tmp_path / "lenient" / "metrics.json").read_text(encoding="utf-8")))
+    assert [e.name for e in results.endpoints] == ["dx"]

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "enough training subjects; pass an empty string for none)")
     parser.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds (default 0,1,2)")
     parser.add_argument("--folds", type=int, default=5, help="CV folds when there is no split column (default 5)")
+    parser.add_argument("--skip-infeasible", action="store_true",
+                        help="with several endpoints: skip (with one line each) those this cohort cannot support "
+                             "(too few labelled subjects or classes) instead of stopping")
     parser.add_argument("--protocol", choices=("auto", "split", "cv"), default="auto",
                         help="split: train on the manifest's train+val rows, test on its test rows; cv: subject-"
                              "grouped k-fold over every labelled subject (ignores the split column); auto (default): "
@@ -148,9 +151,20 @@ def probe(args) -> int:
     assert_no_duplicate_rows(manifest)
     where = manifest.attrs["manifest_path"]
     specs = endpoint_specs(args)
-    tables = [apply_protocol(build_table(manifest, spec), args.protocol, where) for spec in specs]
+    tables = []
+    for spec in specs:
+        try:
+            table = apply_protocol(build_table(manifest, spec), args.protocol, where)
+            plan_endpoint(table, settings, seeds, args.folds, explicit_shots, where)
+        except InputError as err:
+            if not args.skip_infeasible:
+                raise
+            print(f"probe: endpoint {spec.name!r} skipped: {err.cause} — {err.hint}", file=sys.stderr)
+            continue
+        tables.append(table)
+    if not tables:
+        raise InputError(where, "no endpoint can be probed on this cohort", "label more subjects")
     for table in tables:
-        plan_endpoint(table, settings, seeds, args.folds, explicit_shots, where)
         if table.spec.task == "segmentation":
             for rows, mask in zip(table.rows, table.y["mask"]):
                 image = manifest.at[next(iter(rows.values())), "path"]

@@ -49,7 +49,14 @@ def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int
                                 f"subjects", "assign both, or empty the split column to use cross-validation")
     if task == "survival" and not table.y["event"].any():
         raise InputError(where, f"endpoint {name!r}: no event among the subjects", "survival needs observed events")
-    folds = {seed: make_folds(table.subjects, table.split, stratum, n_folds, seed) for seed in seeds}
+    try:
+        folds = {seed: make_folds(table.subjects, table.split, stratum, n_folds, seed) for seed in seeds}
+    except ValueError as error:   # sklearn: every stratum has fewer subjects than folds
+        if task == "classification":
+            raise InputError(where, f"endpoint {name!r}: {n_folds}-fold cross-validation is impossible here "
+                                    f"({error})", "label more subjects or pass a smaller --folds") from None
+        # quartiles / events are only a balancing aid: too few subjects per stratum → plain subject-grouped folds
+        folds = {seed: make_folds(table.subjects, table.split, None, n_folds, seed) for seed in seeds}
     kept, notes, subsets = [], [], {}
     for setting in settings:
         if setting.kind == "shot" and task != "classification":
