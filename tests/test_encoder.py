@@ -117,6 +117,8 @@ def test_encoder_attributes_from_model_folder(exported, tiny_store):
     out = encoder.embed_slices(torch.rand(2, 1, 32, 32), patch_tokens=True)
     assert out["cls"].shape == (2, 192) and out["patch"].shape == (2, 16, 192) and out["cls"].dtype == torch.float32
     torch.testing.assert_close(out["mean_patch"], out["patch"].mean(1))
+    rows = out["patch"].reshape(2, 4, 4, 192).mean(2)                   # grid rows: patient Left (0, 1), Right (2, 3)
+    torch.testing.assert_close(out["hemispheres"], torch.stack([rows[:, :2].mean(1), rows[:, 2:].mean(1)], 1))
     with pytest.raises(ValueError, match="preprocessing.size"):
         encoder.embed_slices(torch.rand(2, 1, 48, 48))
     other = encoder.random_like(seed=1)
@@ -149,6 +151,8 @@ def test_pixel_baseline_values():
     half = size // 2
     assert out["patch"].shape == (1, 4, half * half)
     torch.testing.assert_close(out["patch"][0, 1], x[0, 0, :half, half:].reshape(-1))
+    expected = torch.tensor([(0.3 + 1.0) / 2, (0.3 + 0.0) / 2])[None, :, None].expand(1, 2, half * half)
+    torch.testing.assert_close(out["hemispheres"], expected)          # rows < size/2 (Left), then the rest
 
 
 def test_natural_image_folder_replicates_and_normalises(tmp_path):

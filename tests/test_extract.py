@@ -74,6 +74,8 @@ def test_extract_writes_features_reports_bad_volumes_and_caches(tiny_model, coho
         np.testing.assert_allclose(loaded["cls"], direct.cls, atol=1e-5, rtol=0)
         np.testing.assert_allclose(loaded["mean_patch"], direct.mean_patch, atol=1e-5, rtol=0)
         np.testing.assert_allclose(loaded["patch"], direct.patch, atol=2e-3, rtol=1e-3)
+        assert loaded["hemispheres"].dtype == np.float32 and loaded["hemispheres"].shape == (len(direct.z), 2, 192)
+        np.testing.assert_allclose(loaded["hemispheres"], direct.hemispheres, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(loaded["geometry"]["affine"], direct.geometry["affine"])
         assert loaded["geometry"]["native_shape"] == direct.geometry["native_shape"] == (40, 40, 20)
         assert loaded["geometry"]["grid"] == (4, 4) and loaded["geometry"]["slice_size"] == 32

@@ -86,8 +86,10 @@ class Encoder:
 
     @torch.inference_mode()
     def embed_slices(self, x, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
-        """``x`` ``[B, 1, size, size]`` in [0, 1] (tensor or array) → ``{"cls": [B, D], "mean_patch": [B, D]}``
-        (+ ``"patch": [B, N, P]`` with ``patch_tokens``), float32 on the CPU."""
+        """``x`` ``[B, 1, size, size]`` in [0, 1] (tensor or array) → ``{"cls": [B, D], "mean_patch": [B, D],
+        "hemispheres": [B, 2, P]}`` (+ ``"patch": [B, N, P]`` with ``patch_tokens``), float32 on the CPU.
+        ``hemispheres``: mean patch feature of the grid rows towards patient Left, then Right (see
+        :func:`~braindino.encoder.backbones.hemisphere_means`; ``P = D`` for a ViT)."""
         x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
         size = self.preprocessing.size
         if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (size, size):
@@ -97,7 +99,7 @@ class Encoder:
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
         with self._autocast():
             out = self.backbone(x)
-        keys = ("cls", "mean_patch", "patch") if patch_tokens else ("cls", "mean_patch")
+        keys = ("cls", "mean_patch", "hemispheres", "patch")[:4 if patch_tokens else 3]
         return {key: out[key].float().cpu() for key in keys}
 
     def embed_volume(self, source, volume_index=None, patch_tokens: bool = False,
@@ -116,8 +118,8 @@ class Encoder:
                  for i in range(0, len(slices), batch_size)]
         joined = {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
         return VolumeEmbedding(cls=joined["cls"], mean_patch=joined["mean_patch"], z=np.asarray(z, np.int32),
-                               patch=joined.get("patch"), volume=joined["cls"].mean(axis=0), slices=slices,
-                               geometry=geometry)
+                               hemispheres=joined["hemispheres"], patch=joined.get("patch"),
+                               volume=joined["cls"].mean(axis=0), slices=slices, geometry=geometry)
 
     def embed_cohort(self, manifest, cache_dir=None, batch_size: int = DEFAULT_BATCH, workers: int = 2,
                      patch_tokens: bool = False, progress: bool = True):

@@ -23,15 +23,17 @@ class VolumeEmbedding:
     """Per-slice embeddings of one volume.
 
     ``cls`` / ``mean_patch`` ``[S, D]`` float32; ``z`` ``[S]`` int32 (axial index in the RAS canonical volume);
-    ``patch`` ``[S, N, P]`` float32 or None; ``volume`` ``[D]`` (mean of ``cls``); ``slices`` ``[S, size, size]``
-    float16, the preprocessed slices that were embedded (identical to a slice store's); ``geometry``: affine
-    (canonical ``[4, 4]``), native_affine ``[4, 4]``, native_shape (3,), canonical_shape (3,), spacing (3,),
-    crop_offset (2,), resampled_shape (2,), slice_size, input_size, grid (2,).
+    ``hemispheres`` ``[S, 2, P]`` float32 (mean patch feature of the patient's Left, then Right half of each slice's
+    patch grid; ``P = D`` for a ViT); ``patch`` ``[S, N, P]`` float32 or None; ``volume`` ``[D]`` (mean of
+    ``cls``); ``slices`` ``[S, size, size]`` float16, the preprocessed slices that were embedded (identical to a
+    slice store's); ``geometry``: affine (canonical ``[4, 4]``), native_affine ``[4, 4]``, native_shape (3,),
+    canonical_shape (3,), spacing (3,), crop_offset (2,), resampled_shape (2,), slice_size, input_size, grid (2,).
     """
 
     cls: np.ndarray
     mean_patch: np.ndarray
     z: np.ndarray
+    hemispheres: np.ndarray
     patch: np.ndarray | None
     volume: np.ndarray
     slices: np.ndarray

@@ -4,8 +4,9 @@ DataLoader worker processes hash, read and preprocess volumes (the ingest code o
 volume comes back as an error value, never an exception. The main process gathers the slices of consecutive
 volumes into batches of ``batch_size`` (a batch may span volumes), runs the encoder, and writes each volume's
 features as soon as its last slice is embedded. A volume whose cache key (model fingerprint, preprocessing, file
-content, volume_index, patch flag) already has a feature file is not read again. A features folder belongs to one
-model (model.json): extracting another model's features into it is refused.
+content, volume_index, patch flag) already has a feature file is not read again, unless that file predates the
+``hemispheres`` tensor (then it is embedded again and overwritten). A features folder belongs to one model
+(model.json): extracting another model's features into it is refused.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ class _VolumeReader(torch.utils.data.Dataset):
             digest = content_hash(row["path"])
             key = feature_key(self.model["fingerprint"], self.model["preprocessing"], digest, index,
                               self.patch_tokens)
-            if (self.root / volume_file(key)).is_file():
+            cached = self.root / volume_file(key)
+            n_slices = feature_slice_count(cached) if cached.is_file() else None
+            if n_slices is not None:
                 return {"position": position, "status": "cached", "key": key, "content_hash": digest,
-                        "n_slices": feature_slice_count(self.root / volume_file(key))}
+                        "n_slices": n_slices}
             volume, prepared = ingest_source(row["path"], index, preprocessing_from_dict(self.model["preprocessing"]))
         except InputError as err:
             return {"position": position, "status": "failed", "cause": err.cause, "hint": err.hint}
@@ -174,7 +177,7 @@ def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 
     def store(item: dict) -> None:
         out_ = item["embedded"]
         write_volume_features(root / volume_file(item["key"]), out_["cls"], out_["mean_patch"], item["z"],
-                              item["geometry"], out_.get("patch"))
+                              item["geometry"], out_.get("patch"), out_["hemispheres"])
         entries[item["position"]] = (item["key"], item["content_hash"], len(item["z"]))
         report.computed += 1
         report.slices += len(item["z"])

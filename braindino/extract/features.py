@@ -9,8 +9,12 @@ Layout::
     FEATURES/model.json    name, fingerprint, preprocessing, input_size, embed_dim, patch_size, grid
     FEATURES/volumes/<key>.safetensors
                            cls [S, D] float32, mean_patch [S, D] float32, z [S] int32 (axial index in the RAS
-                           canonical volume), optional patch [S, N, D] float16; metadata "geometry" = JSON of
-                           ``VolumeEmbedding.geometry``
+                           canonical volume), hemispheres [S, 2, P] float32 (mean patch feature of each slice's
+                           patient-Left, then patient-Right half of the patch grid; P = D for a ViT), optional
+                           patch [S, N, P] float16; metadata "geometry" = JSON of ``VolumeEmbedding.geometry``
+
+Files written before ``hemispheres`` existed still read (without it); extraction treats such a cached file as
+stale and embeds the volume again.
 
 ``<key>`` (16 hex) is a hash of (model fingerprint, preprocessing, file content hash, volume_index, patch flag):
 the cache key. A features folder belongs to one model: writing another model's features into it is refused.
@@ -70,13 +74,16 @@ def geometry_from_json(text: str) -> dict:
 
 
 def write_volume_features(path, cls: np.ndarray, mean_patch: np.ndarray, z: np.ndarray, geometry: dict,
-                          patch: np.ndarray | None = None) -> None:
-    """Atomically write one volume's features: cls/mean_patch ``[S, D]``, z ``[S]``, patch ``[S, N, D]`` or None."""
+                          patch: np.ndarray | None = None, hemispheres: np.ndarray | None = None) -> None:
+    """Atomically write one volume's features: cls/mean_patch ``[S, D]``, z ``[S]``, patch ``[S, N, P]`` or None,
+    hemispheres ``[S, 2, P]`` (always given by extraction; None only for hand-made feature files)."""
     from safetensors.numpy import save_file
 
     tensors = {"cls": np.ascontiguousarray(cls, dtype=np.float32),
                "mean_patch": np.ascontiguousarray(mean_patch, dtype=np.float32),
                "z": np.ascontiguousarray(z, dtype=np.int32)}
+    if hemispheres is not None:
+        tensors["hemispheres"] = np.ascontiguousarray(hemispheres, dtype=np.float32)
     if patch is not None:
         tensors["patch"] = np.ascontiguousarray(patch, dtype=np.float16)
     with atomic_path(path) as tmp:
@@ -84,7 +91,8 @@ def write_volume_features(path, cls: np.ndarray, mean_patch: np.ndarray, z: np.n
 
 
 def read_volume_features(path) -> dict:
-    """→ dict(cls [S, D], mean_patch [S, D], z [S], patch [S, N, D] when stored, geometry dict)."""
+    """→ dict(cls [S, D], mean_patch [S, D], z [S], hemispheres [S, 2, P] and patch [S, N, P] when stored,
+    geometry dict)."""
     from safetensors import safe_open
 
     try:
@@ -102,12 +110,15 @@ def read_volume_features(path) -> dict:
     return {**arrays, "geometry": geometry}
 
 
-def feature_slice_count(path) -> int:
-    """Number of slices ``S`` in a feature file, from its header (the arrays are not read)."""
+def feature_slice_count(path) -> int | None:
+    """Number of slices ``S`` in a feature file, from its header (the arrays are not read); None when the file
+    predates the ``hemispheres`` tensor (so a cache treats it as stale)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
+            if "hemispheres" not in handle.keys():
+                return None
             return int(handle.get_slice("z").get_shape()[0])
     except Exception as err:
         raise InputError(path, f"feature file is unreadable ({type(err).__name__})", _REWRITE_HINT) from None
@@ -131,8 +142,9 @@ class Features:
         return self.root / str(self.index["feature_file"].iat[i])
 
     def load(self, i: int) -> dict:
-        """Row ``i`` (position) → dict(cls [S, D] f32, mean_patch [S, D] f32, z [S] int32, patch [S, N, D] f16
-        when extracted with patch tokens, geometry dict)."""
+        """Row ``i`` (position) → dict(cls [S, D] f32, mean_patch [S, D] f32, z [S] int32, hemispheres [S, 2, P]
+        f32 (absent in files of an older braindino), patch [S, N, P] f16 when extracted with patch tokens,
+        geometry dict)."""
         return read_volume_features(self.path(i))
 
     def __repr__(self) -> str:

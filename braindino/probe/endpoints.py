@@ -18,7 +18,7 @@ from braindino.manifest import FIRST_DATA_ROW, ROWS_SHOWN
 from braindino.probe.results import TASKS
 
 FUSIONS = ("concat", "mean")
-POOLINGS = ("mean", "max", "meanmax", "mil")
+POOLINGS = ("mean", "max", "meanmax", "hemispheres", "mil")
 HEADS = ("linear", "mlp", "knn")
 UNITS = ("auto", "subject", "volume")
 SPEC_KEYS = ("name", "task", "target", "time", "event", "mask", "sequences", "fusion", "pooling", "head", "unit",

@@ -4,6 +4,14 @@ A volume's bag is ``[S, 2D]``: each slice's CLS token concatenated with its mean
 the encoder's global summary of the slice, the mean patch token the average of its local features; a linear head
 over both can weight whichever of the two carries the endpoint (cheap: the features are cached anyway).
 
+Pooling ``hemispheres`` (for the side of a one-sided finding) uses another bag, ``[S, 2P]`` per volume: each
+slice's per-hemisphere mean patch features (``left``, ``right`` ``[P]``, the grid's patient-Left and -Right halves)
+as ``left - right`` ‖ ``(left + right) / 2``, pooled with ``meanmax`` → ``[4P]``: the mean and the max over slices
+of the signed difference and of the average. A focal lesion in a few slices raises the max of the difference in
+the features that respond to it when it is on the left, and not when it is on the right, so a linear head finds
+the side; mean-pooled whole-slice tokens (``mean``) carry no such sign. Needs features with ``hemispheres``
+(extracted by this braindino).
+
 Fusion of a subject's sequences (in the endpoint's order): pooled heads pool each sequence's bag, then ``concat``
 the pooled vectors (``[n_seq·P]``) or take their ``mean`` (``[P]``); attention-MIL ``concat`` stacks the sequences'
 slices into one bag (``[ΣS, 2D]``), ``mean`` averages the sequences' slice features at the axial positions (z) all
@@ -39,22 +47,35 @@ def volume_bag(loaded: dict) -> np.ndarray:
     return np.concatenate([loaded["cls"], loaded["mean_patch"]], axis=1).astype(np.float32)
 
 
+def hemisphere_bag(loaded: dict, where) -> np.ndarray:
+    """``[S, 2P]`` float32: ``left - right`` ‖ ``(left + right) / 2`` of one volume's ``hemispheres`` ``[S, 2, P]``;
+    InputError (naming ``where``) for features extracted before ``hemispheres`` existed."""
+    if "hemispheres" not in loaded:
+        raise InputError(where, "features hold no per-hemisphere patch means (made by an older braindino)",
+                         "re-extract with this braindino (braindino extract, or leave out --features)")
+    left, right = loaded["hemispheres"][:, 0], loaded["hemispheres"][:, 1]
+    return np.concatenate([left - right, (left + right) / 2], axis=1).astype(np.float32)
+
+
 class SubjectBags:
     """Every sample's per-sequence bags for one encoder, samples in table order.
 
-    ``bags[i][sequence]`` = ``[S, 2D]``; ``z[i][sequence]`` = ``[S]`` axial indices. Subject unit: one entry per
-    fused sequence; volume unit: one entry (the volume's own sequence) and nothing is fused.
+    ``bags[i][sequence]`` = ``[S, 2D]`` (:func:`volume_bag`; :func:`hemisphere_bag` ``[S, 2P]`` when the table's
+    pooling is ``hemispheres``); ``z[i][sequence]`` = ``[S]`` axial indices. Subject unit: one entry per fused
+    sequence; volume unit: one entry (the volume's own sequence) and nothing is fused.
     """
 
     def __init__(self, table: SubjectTable, features, rows: dict[int, int]):
         self.sequences = table.sequences
         self.per_volume = table.spec.unit == "volume"
         self.bags, self.z = [], []
+        hemispheres = table.spec.pooling == "hemispheres"
         for sample_rows in table.rows:
             bags, zs = {}, {}
             for sequence, row in sample_rows.items():
                 loaded = features.load(rows[row])
-                bags[sequence] = volume_bag(loaded)
+                bags[sequence] = (hemisphere_bag(loaded, features.path(rows[row])) if hemispheres
+                                  else volume_bag(loaded))
                 zs[sequence] = np.asarray(loaded["z"])
             self.bags.append(bags)
             self.z.append(zs)
@@ -65,9 +86,10 @@ class SubjectBags:
 
     def pooled(self, method: str, fusion: str) -> np.ndarray:
         """``[n, P]`` pooled, fused inputs: P = n_seq × width (concat) or width (mean, and the volume unit);
-        width = 2D (mean, max) or 4D (meanmax)."""
+        width = 2D (mean, max) or 4D (meanmax; hemispheres: meanmax of the hemisphere bags)."""
         from heads import SlicePooling
 
+        method = "meanmax" if method == "hemispheres" else method
         n_keys = 1 if self.per_volume else len(self.sequences)
         per_sequence = []
         for k in range(n_keys):
