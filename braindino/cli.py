@@ -17,12 +17,28 @@ SUBCOMMANDS = {
     "probe": ("braindino.probe.command", "probe a frozen encoder on labelled endpoints: metrics with CIs, "
                                          "baselines on the same splits, report"),
     "demo": ("braindino.demo", "run the main job end to end on the embedded synthetic cohort"),
+    "configs": ("braindino.train.catalog", "list the shipped training configs (use a name as `train --config NAME`)"),
 }
+
+
+class VersionAction(argparse.Action):
+    """``--version``: braindino's version, the git commit of a clone, torch / timm / Python versions; then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from braindino.version import version_line
+
+        print(version_line())
+        parser.exit()
 
 
 def build_parser(argv) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="Brain-MRI foundation models: "
                                      "slice-wise self-distillation, feature extraction and probing.")
+    parser.add_argument("--version", action=VersionAction, help="show the version (and git commit, library "
+                                                                "versions) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from braindino.atomic import atomic_write_text
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino_vit_tiny_cpu.yaml"
+CONFIG = "dino_vit_tiny_cpu"   # a shipped config's name (braindino/configs/), so an installed wheel finds it
 
 # The held-out cohort's endpoints (columns of `braindino synth`'s manifest). Focal findings (tumour, stroke) live in
 # a few slices, so those endpoints pool slices by their maximum; global ones (sequence, age) by the mean.
@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=float, default=1.0, help="voxel size of the synthetic volumes in mm")
     parser.add_argument("--iters", type=int, default=300, help="pretraining steps")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for synth, prepare and probe")
-    parser.add_argument("--config", default=str(CONFIG), help="pretraining config (default: ViT-Tiny on CPU)")
+    parser.add_argument("--config", default=CONFIG, help="pretraining config: a shipped config's name "
+                                                        "(`braindino configs`) or a YAML file (default: %(default)s)")
     parser.add_argument("--fractions", default="10,100", help="probe training fractions in percent")
     parser.add_argument("--seeds", default="0,1,2", help="probe seeds")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs and paired tests")

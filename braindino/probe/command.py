@@ -43,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion", choices=FUSIONS, default="concat",
                         help="how a subject's sequences are fused: concat or mean of pooled vectors (default concat)")
     parser.add_argument("--pooling", choices=POOLINGS, default="mean",
-                        help="slice pooling; 'mil' trains an attention-MIL head over the slices (default mean)")
+                        help="slice pooling (default mean): mean, max or meanmax of each slice's CLS ‖ mean patch "
+                             "token; hemispheres: mean and max over slices of (left - right) ‖ (left + right)/2 of "
+                             "the mean patch tokens of the patient's left and right half of the slice, for the side "
+                             "of a one-sided finding (needs features from this braindino); mil: an attention-MIL "
+                             "head over the slices")
     parser.add_argument("--head", choices=HEADS, default="linear",
                         help="head on pooled features: linear (default), mlp, or knn (DINO's weighted kNN)")
     parser.add_argument("--unit", choices=UNITS, default="auto",

@@ -132,11 +132,15 @@ def training_provenance(config, store, config_yaml: str) -> dict:
     ``init_from_normalisation_folded`` is True when ``model.init_from`` weights were loaded with an input
     normalisation folded into the patch embedding (the exported model then still takes [0, 1] slices).
     """
-    from braindino import __version__
+    from braindino.version import versions
 
-    model = config.model
+    model, library = config.model, versions()
     return {
-        "braindino_version": __version__,
+        "braindino_version": library["braindino"],
+        "git_commit": library["git_commit"],
+        "torch_version": library["torch"],
+        "timm_version": library["timm"],
+        "python_version": library["python"],
         "objective": str(config.objective),
         "iters": int(config.optim.iters),
         "config_yaml": config_yaml,

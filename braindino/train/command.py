@@ -7,7 +7,9 @@ from braindino.train.config import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file from configs/, e.g. configs/dino_vit_small.yaml")
+    parser.add_argument("--config", required=True,
+                        help="a shipped config's name (list them with `braindino configs`), e.g. dino_vit_small, "
+                             "or a YAML file")
     parser.add_argument("--data", required=True, help="slice store made by `braindino prepare`")
     parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, checkpoints/")
     parser.add_argument("--resume", action="store_true",
@@ -28,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
     try:

@@ -1,14 +1,13 @@
-"""Training configuration: built-in defaults ← a YAML file from ``configs/`` ← ``key=value`` overrides.
+"""Training configuration: built-in defaults ← a YAML file (a shipped config's name or a path) ← ``key=value``.
 
 Every key a run reads is declared in ``DEFAULTS`` (unknown keys in a YAML file or an override are an error,
 so a typo never silently trains the wrong model). The resolved config is saved in the run directory.
 """
 
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
 from braindino.models import PRESETS
+from braindino.train.catalog import resolve_config
 
 DEFAULTS = {
     "objective": "dino",                 # dino (DINO + iBOT + KoLeo) | simclr (NT-Xent, the BrainIAC objective)
@@ -112,22 +111,24 @@ CHOICES = {
 
 
 def load_config(path=None, overrides=()) -> DictConfig:
-    """Merge defaults, the YAML file at ``path`` and ``key=value`` overrides.
+    """Merge defaults, the YAML file ``path`` (a file, or a shipped config's name) and ``key=value`` overrides.
 
     Raises ``ValueError`` (one line) for unknown keys, malformed overrides, values of the wrong type and values
-    outside a key's choices; ``FileNotFoundError`` for a missing file.
+    outside a key's choices; :class:`~braindino.errors.InputError` for a path that is neither a file nor a
+    shipped config's name.
     """
     config = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(config, True)
     malformed = [item for item in overrides if "=" not in item]
     if malformed:
         raise ValueError(f"overrides must look like key=value, got {malformed}")
+    source = resolve_config(path) if path is not None else None
     try:
-        layers = [OmegaConf.load(Path(path))] if path is not None else []
+        layers = [OmegaConf.load(source)] if source is not None else []
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         for layer in layers:
             config = OmegaConf.merge(config, layer)
-    except FileNotFoundError:
+    except OSError:
         raise
     except Exception as err:   # YAML syntax errors, omegaconf ConfigKeyError / ValidationError
         raise ValueError(f"invalid configuration: {str(err).splitlines()[0]}") from err
