@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", default="10,100", help="probe training fractions in percent")
     parser.add_argument("--seeds", default="0,1,2", help="probe seeds")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs and paired tests")
+    parser.add_argument("--slice-stride", type=int, default=4,
+                        help="probe on every K-th axial slice of the held-out volumes (default 4: 4 mm apart)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return braindino(["probe", "--model", str(model), "--manifest", str(heldout / "manifest.csv"),
                           "--endpoints", str(endpoints), "--protocol", "cv", "--skip-infeasible",
                           "--fractions", args.fractions,
-                          "--shots", "",
+                          "--shots", "", "--slice-stride", str(args.slice_stride),
                           "--seeds", args.seeds, "--bootstrap", str(args.bootstrap), "--workers",
                           str(args.workers), "--out", str(probe_dir)])
 

@@ -144,3 +144,18 @@ def test_open_features_refuses_what_is_not_a_features_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a features folder"):
         open_features(tmp_path / "empty")
+
+
+def test_slice_stride_embeds_every_kth_slice_under_its_own_cache_key(tiny_model, cohort, tmp_path):
+    manifest = pd.read_csv(cohort)
+    manifest[manifest["subject"] != "s9"].to_csv(cohort, index=False)
+    encoder = braindino.load_encoder(tiny_model, device="cpu")
+    folder = tmp_path / "features"
+    every = encoder.embed_cohort(cohort, cache_dir=folder, workers=0, progress=False)
+    third = encoder.embed_cohort(cohort, cache_dir=folder, workers=0, progress=False, slice_stride=3)
+    for i in range(3):
+        full, strided = every.load(i), third.load(i)
+        np.testing.assert_array_equal(strided["z"], full["z"][::3])
+        np.testing.assert_allclose(strided["cls"], full["cls"][::3], atol=1e-5, rtol=0)
+        assert every.index["feature_file"].iat[i] != third.index["feature_file"].iat[i]   # both stay cached
+    assert len(list((folder / "volumes").iterdir())) == 6

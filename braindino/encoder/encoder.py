@@ -122,7 +122,7 @@ class Encoder:
                                volume=joined["cls"].mean(axis=0), slices=slices, geometry=geometry)
 
     def embed_cohort(self, manifest, cache_dir=None, batch_size: int = DEFAULT_BATCH, workers: int = 2,
-                     patch_tokens: bool = False, progress: bool = True):
+                     patch_tokens: bool = False, progress: bool = True, slice_stride: int = 1):
         """Embed every volume of ``manifest`` (CSV path or ``read_manifest`` DataFrame) into the features folder
         ``cache_dir`` (default: ``~/.cache/braindino/features/<fingerprint>``) → :class:`braindino.extract.Features`.
         See :func:`braindino.extract.cohort.extract_cohort` (which also returns the run's report)."""
@@ -130,7 +130,7 @@ class Encoder:
 
         features, _report = extract_cohort(self, manifest, cache_dir or default_cache_dir(self.fingerprint),
                                            batch_size=batch_size, workers=workers, patch_tokens=patch_tokens,
-                                           progress=progress)
+                                           progress=progress, slice_stride=slice_stride)
         return features
 
     def model_info(self) -> dict:

@@ -58,8 +58,9 @@ class _VolumeReader(torch.utils.data.Dataset):
     """Item ``i`` → dict(position, status "cached" | "read" | "failed", key, content_hash, slices [S, size, size]
     float16, z [S], geometry, cause, hint). Runs in DataLoader workers."""
 
-    def __init__(self, rows: list[dict], root: Path, model: dict, patch_tokens: bool):
+    def __init__(self, rows: list[dict], root: Path, model: dict, patch_tokens: bool, slice_stride: int):
         self.rows, self.root, self.model, self.patch_tokens = rows, root, model, patch_tokens
+        self.slice_stride = slice_stride
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -74,7 +75,7 @@ class _VolumeReader(torch.utils.data.Dataset):
         try:
             digest = content_hash(row["path"])
             key = feature_key(self.model["fingerprint"], self.model["preprocessing"], digest, index,
-                              self.patch_tokens)
+                              self.patch_tokens, self.slice_stride)
             cached = self.root / volume_file(key)
             n_slices = feature_slice_count(cached) if cached.is_file() else None
             if n_slices is not None:
@@ -88,8 +89,9 @@ class _VolumeReader(torch.utils.data.Dataset):
             cause = f"unexpected error {type(err).__name__}" + (f": {lines[0]}" if lines else "")
             return {"position": position, "status": "failed", "cause": cause, "hint": UNEXPECTED_HINT}
         geometry = volume_geometry(volume, prepared, self.model["input_size"], self.model["grid"])
+        step = self.slice_stride
         return {"position": position, "status": "read", "key": key, "content_hash": digest,
-                "slices": prepared.slices, "z": prepared.z_indices, "geometry": geometry}
+                "slices": prepared.slices[::step], "z": prepared.z_indices[::step], "geometry": geometry}
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -154,8 +156,11 @@ def _prepare_folder(root: Path, model: dict) -> None:
 
 
 def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 2, patch_tokens: bool = False,
-                   progress: bool = True) -> tuple[Features, ExtractReport]:
+                   progress: bool = True, slice_stride: int = 1) -> tuple[Features, ExtractReport]:
     """Embed the volumes of ``manifest`` (CSV path or ``read_manifest`` DataFrame) into the folder ``out``.
+
+    ``slice_stride`` k > 1 embeds every k-th kept slice only (k times less compute; adjacent 1 mm slices are nearly
+    redundant for volume-level endpoints); ``z`` records which slices they are.
 
     Manifest-level problems and a folder of another model raise InputError; bad volumes are reported on stderr
     (one line each) and in ``errors.csv``. Returns the opened features folder and the run's report.
@@ -168,7 +173,9 @@ def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 
     root, model = Path(out), encoder.model_info()
     _prepare_folder(root, model)
     rows = table.to_dict("records")
-    reader = _VolumeReader(rows, root, model, patch_tokens)
+    if slice_stride < 1:
+        raise ValueError(f"slice_stride must be at least 1, got {slice_stride}")
+    reader = _VolumeReader(rows, root, model, patch_tokens, slice_stride)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=max(0, workers), collate_fn=_as_is,
                                          worker_init_fn=_worker_init if workers > 0 else None)
     batcher, report, entries = _SliceBatcher(encoder, max(1, batch_size), patch_tokens), ExtractReport(), {}

@@ -10,6 +10,13 @@ import os
 import sys
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODEL",
                         help="model folder (braindino export, or a natural-image timm local-dir ViT), "
@@ -21,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-tokens", action="store_true",
                         help="also store the patch tokens [S, N, D] (float16; large)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="slices per forward pass")
+    parser.add_argument("--slice-stride", type=_at_least_one, default=1, metavar="K",
+                        help="embed every K-th kept axial slice only (K times faster; default 1: every slice)")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))), metavar="N",
                         help="processes that read and preprocess volumes (0: in the main process)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -34,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         encoder = load_encoder(args.model, device=args.device)
         _features, report = extract_cohort(encoder, args.manifest, args.out, batch_size=args.batch_size,
-                                           workers=args.workers, patch_tokens=args.patch_tokens)
+                                           workers=args.workers, patch_tokens=args.patch_tokens,
+                                           slice_stride=args.slice_stride)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

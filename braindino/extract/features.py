@@ -16,7 +16,8 @@ Layout::
 Files written before ``hemispheres`` existed still read (without it); extraction treats such a cached file as
 stale and embeds the volume again.
 
-``<key>`` (16 hex) is a hash of (model fingerprint, preprocessing, file content hash, volume_index, patch flag):
+``<key>`` (16 hex) is a hash of (model fingerprint, preprocessing, file content hash, volume_index, patch flag,
+slice stride when not 1):
 the cache key. A features folder belongs to one model: writing another model's features into it is refused.
 Every file is written atomically (temporary sibling + rename).
 """
@@ -45,10 +46,13 @@ _ARRAY_GEOMETRY = ("affine", "native_affine")
 _REWRITE_HINT = "extract the features again into a new --out folder"
 
 
-def feature_key(fingerprint: str, preprocessing: dict, content_hash: str, volume_index, patch_tokens: bool) -> str:
-    """16-hex cache key of one volume's features (``volume_index`` None for a 3D file)."""
+def feature_key(fingerprint: str, preprocessing: dict, content_hash: str, volume_index, patch_tokens: bool,
+                slice_stride: int = 1) -> str:
+    """16-hex cache key of one volume's features (``volume_index`` None for a 3D file; ``slice_stride`` k > 1: every
+    k-th kept slice only)."""
     index = "" if volume_index is None or pd.isna(volume_index) else str(int(volume_index))
-    text = json.dumps([fingerprint, preprocessing, content_hash, index, bool(patch_tokens)], sort_keys=True)
+    parts = [fingerprint, preprocessing, content_hash, index, bool(patch_tokens)]
+    text = json.dumps(parts + ([int(slice_stride)] if slice_stride != 1 else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

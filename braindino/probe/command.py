@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))), metavar="N",
                         help="processes for extraction and for fitting/bootstrap (default: up to 4 cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="slices per encoder batch (default 64)")
+    parser.add_argument("--slice-stride", type=int, default=1, metavar="K",
+                        help="embed every K-th kept axial slice only: K times less extraction (default 1; "
+                             "segmentation needs 1)")
     parser.add_argument("--device", default=None, help="encoder device (default cuda > mps > cpu)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder for metrics.json, "
                         "predictions.csv, report.md, figures/, features/, masks/, attention/")
@@ -121,6 +124,8 @@ def _options(args):
         raise InputError("--seeds/--fractions", "nothing to run", "give at least one seed and one fraction")
     if args.folds < 2:
         raise InputError("--folds", "cross-validation needs at least 2 folds", "pass --folds 5")
+    if args.slice_stride < 1:
+        raise InputError("--slice-stride", f"must be at least 1, got {args.slice_stride}", "pass --slice-stride 1")
     return fractions, shots, seeds
 
 
@@ -182,6 +187,9 @@ def probe(args) -> int:
     used = manifest.loc[used_rows]
     used.attrs.update(manifest.attrs)
     patch_tokens = any(t.spec.task == "segmentation" for t in tables)
+    if patch_tokens and args.slice_stride != 1:
+        raise InputError("--slice-stride", "segmentation predicts every slice of a volume",
+                         "pass --slice-stride 1 (or probe the segmentation endpoint in its own run)")
     failed = extract_all(args, encoders, used, run_dir, patch_tokens)
     return evaluate_all(args, manifest, tables, encoders, settings, seeds, explicit_shots, failed, run_dir,
                         started)
@@ -238,7 +246,8 @@ def extract_all(args, encoders: list[dict], used, run_dir: Path, patch_tokens: b
             folder = run_dir / "features" / entry["slug"]
             print(f"probe: features of {entry['name']} -> {folder}", file=sys.stderr)
             features = encoder.embed_cohort(used, cache_dir=folder, batch_size=args.batch_size,
-                                            workers=args.workers, patch_tokens=patch_tokens)
+                                            workers=args.workers, patch_tokens=patch_tokens,
+                                            slice_stride=args.slice_stride)
         entry["features"] = features
         entry["rows"] = feature_rows(features, used)
         failed += len(used) - len(entry["rows"])
