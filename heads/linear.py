@@ -116,9 +116,10 @@ class CoxPHInnerCV(BaseEstimator):
         return self
 
     def _folds(self, event: np.ndarray) -> list | None:
-        """Inner (train, test) index pairs with events in every fold: ``min(inner_cv, n_events)`` folds,
-        stratified by the event flag when there are enough censored volumes; None with fewer than 2 events."""
-        n_splits = min(self.inner_cv, int(event.sum()))
+        """Inner (train, test) index pairs with events in every fold: ``min(inner_cv, n_events, n // 2)`` folds
+        (every inner training and test part keeps at least 2 volumes), stratified by the event flag when there are
+        enough censored volumes; None when that leaves fewer than 2 folds."""
+        n_splits = min(self.inner_cv, int(event.sum()), len(event) // 2)
         if n_splits < 2:
             return None
         if (~event).sum() >= n_splits:

@@ -178,3 +178,15 @@ def test_brain_age_correction_refuses_a_regressor_that_learned_nothing():
     rng = np.random.default_rng(9)
     with pytest.raises(ValueError, match="has not learned age"):
         BrainAgeCorrection(DummyRegressor()).fit(rng.normal(size=(100, 1)), rng.uniform(20, 80, size=100))
+
+
+def test_cox_head_on_two_or_three_training_volumes_uses_the_fixed_penalty():
+    from heads import make_linear_head
+    from heads.targets import make_survival_target
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3):
+        X = rng.normal(size=(n, 6))
+        y = make_survival_target(np.ones(n, dtype=bool), np.arange(1.0, n + 1))
+        head = make_linear_head("survival").fit(X, y)
+        assert head[-1].alpha_ == FALLBACK_COX_ALPHA and head.predict(X).shape == (n,)
