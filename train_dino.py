@@ -1,6 +1,7 @@
 """Pretrain a brain-MRI ViT by slice-wise self-distillation.
 
-    python train_dino.py --config configs/dino_vit_small.yaml --data STORE --out RUN [key=value ...]
+    python train_dino.py --config dino_vit_small --data STORE --out RUN [key=value ...]
+    torchrun -m braindino.train --config dino_vit_small ...   (the same, from an installed wheel)
     torchrun --nproc_per_node=8 train_dino.py --config ... --data STORE --out RUN
 """
 

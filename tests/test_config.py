@@ -179,3 +179,12 @@ def test_training_provenance_records_versions_and_commit(tiny_store):
     assert provenance["torch_version"] == metadata.version("torch")
     assert provenance["timm_version"] == metadata.version("timm")
     assert provenance["python_version"].count(".") == 2
+
+
+def test_python_dash_m_braindino_train_is_the_training_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "braindino.train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--config" in done.stdout and "--resume" in done.stdout
