@@ -128,7 +128,7 @@ def test_version_prints_version_commit_and_libraries(capsys):
     assert out.startswith(f"braindino {braindino.__version__}")
     assert f"torch {metadata.version('torch')}, timm {metadata.version('timm')}" in out
     if shutil.which("git") and (ROOT / ".git").exists():
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8").stdout.strip()
         assert git_commit() == head and f"(git {head[:12]})" in out
 
 
@@ -185,6 +185,6 @@ def test_python_dash_m_braindino_train_is_the_training_command():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "braindino.train", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "braindino.train", "--help"], capture_output=True, text=True, encoding="utf-8",
                           timeout=120)
     assert done.returncode == 0 and "--config" in done.stdout and "--resume" in done.stdout

@@ -236,7 +236,7 @@ def test_resume_from_a_non_checkpoint_is_one_error_line(tiny_store, tmp_path, co
         torch.save({"weights": torch.zeros(2)}, bad)
     result = subprocess.run([sys.executable, str(ROOT / "train_dino.py"), "--config", str(CONFIG), "--data",
                              str(tiny_store), "--out", str(tmp_path / "run"), "--resume-from", str(bad), *TINY],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, encoding="utf-8", timeout=300)
     error = result.stderr.strip()
     assert result.returncode == 1 and error.startswith("error:") and "\n" not in error, error
     assert "not a braindino checkpoint" in error and "Traceback" not in error

@@ -227,7 +227,7 @@ os._exit(1)             # dies like SIGKILL: no commit, no cleanup, volume 2 lef
 
 def test_killed_writer_leaves_readable_store(tmp_path):
     root = tmp_path / "store"
-    result = subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(root)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(root)], capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 1, result.stderr
     assert (root / "shards" / "shard-00002.f16.tmp").exists()
     store = SliceStore(root)

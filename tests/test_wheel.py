@@ -34,7 +34,7 @@ if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("p
 
 
 def run(command, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
                                    f"{result.stderr[-3000:]}"
     return result
