@@ -7,12 +7,15 @@ samples), which makes the bootstrap paired. The bootstrap draws subjects (all of
 along). Cells run in parallel worker processes (joblib).
 """
 
+import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from joblib import Parallel, delayed
+from sklearn.exceptions import ConvergenceWarning, FitFailedWarning
 from threadpoolctl import threadpool_limits
 
 from braindino.errors import InputError
@@ -35,6 +38,19 @@ class Plan:
     notes: list
 
 
+@contextlib.contextmanager
+def quiet_expected_warnings():
+    """Silence what small cohorts make libraries say on every fit (a class smaller than the fold count, an inner
+    fit that did not converge, a Cox line search dividing by zero): the probe's own notes and CIs report that
+    honestly, once, and a console of hundreds of identical warnings hides the lines that matter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class in y", category=UserWarning)
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        warnings.filterwarnings("ignore", category=FitFailedWarning)
+        warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+        yield
+
+
 def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int, explicit_shots: bool,
                   where) -> Plan:
     """Folds and training subsets for every (setting, seed); raises InputError when the protocol is impossible."""
@@ -50,7 +66,8 @@ def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int
     if task == "survival" and not table.y["event"].any():
         raise InputError(where, f"endpoint {name!r}: no event among the subjects", "survival needs observed events")
     try:
-        folds = {seed: make_folds(table.subjects, table.split, stratum, n_folds, seed) for seed in seeds}
+        with quiet_expected_warnings():
+            folds = {seed: make_folds(table.subjects, table.split, stratum, n_folds, seed) for seed in seeds}
     except ValueError as error:   # sklearn: every stratum has fewer subjects than folds
         if task == "classification":
             raise InputError(where, f"endpoint {name!r}: {n_folds}-fold cross-validation is impossible here "
@@ -193,7 +210,7 @@ def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, 
     ``{"error": (path, cause, hint)}`` (it does not cross a process boundary as an exception)."""
     if os.getpid() != parent_pid and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), quiet_expected_warnings():
         try:
             output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention)
         except InputError as error:
@@ -229,7 +246,7 @@ def compare(task: str, result: EndpointResult, encoders: list[dict], seeds: list
     metric = result.headline
 
     def one(setting, baseline):
-        with threadpool_limits(limits=1):
+        with threadpool_limits(limits=1), quiet_expected_warnings():
             return _one(setting, baseline)
 
     def _one(setting, baseline):
