@@ -34,6 +34,14 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts that must be at least 1 (subjects, workers, slice stride)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser(argv) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="Brain-MRI foundation models: "
                                      "slice-wise self-distillation, feature extraction and probing.")

@@ -9,12 +9,7 @@ import argparse
 import os
 import sys
 
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from braindino.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-tokens", action="store_true",
                         help="also store the patch tokens [S, N, D] (float16; large)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="slices per forward pass")
-    parser.add_argument("--slice-stride", type=_at_least_one, default=1, metavar="K",
+    parser.add_argument("--slice-stride", type=positive_int, default=1, metavar="K",
                         help="embed every K-th kept axial slice only (K times faster; default 1: every slice)")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))), metavar="N",
                         help="processes that read and preprocess volumes (0: in the main process)")

@@ -4,16 +4,10 @@ import argparse
 import sys
 import time
 
+from braindino.cli import positive_int
 from braindino.errors import InputError
 from braindino.synth.cohort import generate_cohort
 from braindino.synth.sequences import SEQUENCES
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _resolution(text: str) -> float:
@@ -25,13 +19,13 @@ def _resolution(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write the cohort into (created if missing)")
-    parser.add_argument("--subjects", type=_positive_int, default=24, help="number of subjects (default 24)")
+    parser.add_argument("--subjects", type=positive_int, default=24, help="number of subjects (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical images")
     parser.add_argument("--resolution", type=_resolution, default=1.0,
                         help="isotropic voxel size in mm, 1-6 (default 1: the MNI152 template grid)")
     parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, default=list(SEQUENCES),
                         help="sequences to write per subject (default: all four)")
-    parser.add_argument("--workers", type=_positive_int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="worker processes (results do not depend on it)")
     parser.add_argument("--skull-stripped", action="store_true",
                         help="brain-only images on a zero background (BraTS-like) instead of head with skull, "
