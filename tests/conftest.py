@@ -44,3 +44,21 @@ def tiny_store(tmp_path_factory):
                    "--workers", "1"])
     assert status == 0
     return store
+
+
+def write_tiny_model(folder, preprocessing: dict | None = None):
+    """Write a braindino model folder holding a depth-1 ViT-Ti (patch 8, 32 px: a 4 × 4 grid, LayerScale 1.0 so
+    the block actually changes the tokens), seeded, with ``preprocessing`` (default: 32-px slices); returns it."""
+    from dataclasses import asdict
+
+    import torch
+
+    from braindino.encoder.model_folder import timm_config, write_model_folder
+    from braindino.ingest import PreprocessConfig
+    from braindino.models import MaskableViT
+
+    torch.manual_seed(0)
+    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
+    preprocessing = asdict(PreprocessConfig(size=32)) if preprocessing is None else preprocessing
+    write_model_folder(folder, timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, preprocessing, {}), vit.state_dict())
+    return folder

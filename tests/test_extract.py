@@ -6,27 +6,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import head_like_volume
+from conftest import head_like_volume, write_tiny_model
 
 import braindino
 from braindino.cli import main
-from braindino.encoder.model_folder import timm_config, write_model_folder
 from braindino.errors import InputError
 from braindino.extract import open_features
-from braindino.models import MaskableViT
 from braindino.store import SliceStore
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_store, tmp_path_factory):
     """A depth-1 ViT-Ti model folder (patch 8, 32 px, LayerScale 1) with the tiny store's preprocessing."""
-    torch.manual_seed(0)
-    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
-    folder = tmp_path_factory.mktemp("extract_model") / "model"
-    config = timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, SliceStore(tiny_store).preprocessing, {})
-    write_model_folder(folder, config, vit.state_dict())
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("extract_model") / "model", SliceStore(tiny_store).preprocessing)
 
 
 @pytest.fixture()

@@ -8,20 +8,16 @@ the side; ``--pooling mean`` (whole-slice tokens) is the contrast, reported in t
 
 import json
 import re
-from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import head_like_volume
+from conftest import head_like_volume, write_tiny_model
 
 import braindino
 from braindino.encoder.backbones import hemisphere_means
-from braindino.encoder.model_folder import timm_config, write_model_folder
-from braindino.ingest import PreprocessConfig
-from braindino.models import MaskableViT
 from braindino.probe.results import ProbeResults
 from probe import main
 
@@ -35,12 +31,7 @@ COMMON = ["--task", "classification", "--target", "side", "--fractions", "100", 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A depth-1 ViT at 32 px (patch 8: a 4 × 4 grid) exported as a braindino model folder."""
-    torch.manual_seed(0)
-    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
-    folder = tmp_path_factory.mktemp("laterality_model") / "model"
-    config = timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, asdict(PreprocessConfig(size=32)), {})
-    write_model_folder(folder, config, vit.state_dict())
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("laterality_model") / "model")
 
 
 def lesioned_head(rng: np.random.Generator, side: int) -> np.ndarray:

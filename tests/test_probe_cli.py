@@ -2,18 +2,13 @@
 splits, multi-endpoint YAML, segmentation masks in the native grid, one-line errors."""
 
 import json
-from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import head_like_volume
+from conftest import head_like_volume, write_tiny_model
 
-from braindino.encoder.model_folder import timm_config, write_model_folder
-from braindino.ingest import PreprocessConfig
-from braindino.models import MaskableViT
 from braindino.probe.results import ProbeResults
 from probe import main
 
@@ -23,12 +18,7 @@ AFFINE = np.array([[0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
-    folder = tmp_path_factory.mktemp("probe_model") / "model"
-    config = timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, asdict(PreprocessConfig(size=32)), {})
-    write_model_folder(folder, config, vit.state_dict())
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("probe_model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,16 @@
 bootstrap still grouped by SUBJECT; auto unit choice; cluster bootstrap; brain-age correction; MIL attention."""
 
 import json
-from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import head_like_volume
+from conftest import head_like_volume, write_tiny_model
 from test_probe_protocols import cohort as label_cohort
 from test_probe_protocols import manifest
 
-from braindino.encoder.model_folder import timm_config, write_model_folder
 from braindino.errors import InputError
-from braindino.ingest import PreprocessConfig
-from braindino.models import MaskableViT
 from braindino.probe import metrics as M
 from braindino.probe.endpoints import EndpointSpec, build_table, endpoints_from_yaml
 from braindino.probe.evaluate import plan_endpoint
@@ -33,12 +28,7 @@ COMMON = ["--fractions", "50,100", "--seeds", "0,1", "--folds", "3", "--bootstra
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=1, layerscale_init=1.0).vit
-    folder = tmp_path_factory.mktemp("volume_unit_model") / "model"
-    config = timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, asdict(PreprocessConfig(size=32)), {})
-    write_model_folder(folder, config, vit.state_dict())
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("volume_unit_model") / "model")
 
 
 def sequence_contrast(head: np.ndarray, sequence: str) -> np.ndarray:
