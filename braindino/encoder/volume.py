@@ -60,8 +60,4 @@ def ingest_source(source, volume_index, preprocessing: PreprocessConfig) -> tupl
 def volume_geometry(volume: Volume, prepared: PreprocessedVolume, input_size: int, grid) -> dict:
     """Everything needed to map per-slice (or per-patch) outputs back to the canonical and native voxel grids:
     :func:`braindino.ingest.geometry.volume_geometry` plus the model's ``input_size`` and patch ``grid``."""
-    geometry = {name: (np.asarray(value, dtype=np.float64) if name in ("affine", "native_affine")
-                       else tuple(value) if isinstance(value, list) else value)
-                for name, value in ingest_geometry(volume, prepared).items()}
-    geometry.update(input_size=int(input_size), grid=tuple(int(g) for g in grid))
-    return geometry
+    return {**ingest_geometry(volume, prepared), "input_size": int(input_size), "grid": tuple(int(g) for g in grid)}

@@ -5,9 +5,10 @@ The forward path (see :mod:`braindino.ingest.preprocess`): the file's voxel grid
 axial plane ``z`` ``[X, Y]`` is resampled to ``resampled_shape`` ``(H, W)`` (``align_corners=False``) and a
 ``[size, size]`` window starting at ``crop_offset`` (row, col; negative = padding) is cut out of it.
 
-A geometry is a plain dict (JSON-friendly, as stored in features files) with keys ``affine``, ``native_affine``,
-``native_shape``, ``canonical_shape``, ``spacing``, ``crop_offset``, ``resampled_shape`` and ``slice_size``;
-:func:`volume_geometry` builds it. Label maps (integer or bool) are resampled with ``nearest-exact``, float maps
+A geometry is a plain dict with keys ``affine``, ``native_affine`` (``[4, 4]`` float64 arrays), ``native_shape``,
+``canonical_shape``, ``spacing``, ``crop_offset``, ``resampled_shape`` (tuples) and ``slice_size`` (int);
+:func:`volume_geometry` builds it (features files store it as JSON and read it back in this form). The functions
+below also accept the JSON form (lists). Label maps (integer or bool) are resampled with ``nearest-exact``, float maps
 (e.g. saliency) bilinearly.
 """
 
@@ -23,17 +24,17 @@ GRID_TOLERANCE = 1e-3     # mm for world affines, voxels for voxel-to-voxel maps
 
 
 def volume_geometry(volume: Volume, prepared: PreprocessedVolume) -> dict:
-    """The geometry dict of ``prepared`` (from ``preprocess_volume(volume, ...)``), JSON-serialisable."""
+    """The geometry dict of ``prepared`` (from ``preprocess_volume(volume, ...)``)."""
     if volume.native_affine is None or volume.native_shape is None:
         raise ValueError("volume has no native grid (native_affine / native_shape); load it with load_volume")
     return {
-        "affine": np.asarray(prepared.affine, dtype=np.float64).tolist(),
-        "native_affine": np.asarray(volume.native_affine, dtype=np.float64).tolist(),
-        "native_shape": [int(n) for n in volume.native_shape],
-        "canonical_shape": [int(n) for n in volume.data.shape],
-        "spacing": [float(s) for s in prepared.spacing],
-        "crop_offset": [int(o) for o in prepared.crop_offset],
-        "resampled_shape": [int(n) for n in prepared.resampled_shape],
+        "affine": np.asarray(prepared.affine, dtype=np.float64),
+        "native_affine": np.asarray(volume.native_affine, dtype=np.float64),
+        "native_shape": tuple(int(n) for n in volume.native_shape),
+        "canonical_shape": tuple(int(n) for n in volume.data.shape),
+        "spacing": tuple(float(s) for s in prepared.spacing),
+        "crop_offset": tuple(int(o) for o in prepared.crop_offset),
+        "resampled_shape": tuple(int(n) for n in prepared.resampled_shape),
         "slice_size": int(prepared.slices.shape[-1]),
     }
 
