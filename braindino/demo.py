@@ -78,21 +78,22 @@ def run(args: argparse.Namespace) -> int:
                           str(args.workers), "--out", str(probe_dir)])
 
     stages = [
-        (f"synthesising {args.subjects} training subjects into {cohort}", lambda: synth(cohort, args.subjects,
-                                                                                        args.seed)),
-        (f"preparing the slice store {store}",
+        ("synth", f"synthesising {args.subjects} training subjects into {cohort}",
+         lambda: synth(cohort, args.subjects, args.seed)),
+        ("prepare", f"preparing the slice store {store}",
          lambda: braindino(["prepare", "--manifest", str(cohort / "manifest.csv"), "--out", str(store),
                             "--workers", str(args.workers)])),
-        (f"pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}", pretrain),
-        (f"exporting the teacher to {model}",
+        ("pretrain", f"pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}", pretrain),
+        ("export", f"exporting the teacher to {model}",
          lambda: braindino(["export", "--checkpoint", str(run_dir), "--out", str(model)])),
-        (f"synthesising {args.heldout_subjects} held-out subjects (seed {args.seed + 1}) into {heldout}",
-         lambda: synth(heldout, args.heldout_subjects, args.seed + 1)),
-        (f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels) into {probe_dir}", probe),
+        ("held-out synth", f"synthesising {args.heldout_subjects} held-out subjects (seed {args.seed + 1}) into "
+                           f"{heldout}", lambda: synth(heldout, args.heldout_subjects, args.seed + 1)),
+        ("probe", f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels) into "
+                  f"{probe_dir}", probe),
     ]
-    for number, (title, stage) in enumerate(stages, 1):
+    for number, (name, title, stage) in enumerate(stages, 1):
         print(f"[{number}/{len(stages)}] {title}", flush=True)
-        status = clock.time(title.split(" ")[0], stage)
+        status = clock.time(name, stage)
         if status:
             return status
     print(demo_summary(run_dir, probe_dir, clock))
