@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from braindino.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SimCLRLoss, TeacherCentering, sinkhorn_knopp
+from braindino.losses import (DINOLoss, IBOTPatchLoss, KoLeoLoss, SimCLRLoss, TeacherCentering, masked_token_weights,
+                              sinkhorn_knopp)
 
 
 def _np_softmax(x, axis=-1):
@@ -164,22 +165,26 @@ def test_ibot_weighs_each_masked_image_equally():
     teacher[:, 0] = 1.0
     student = torch.zeros(11, 4)  # image 0's token: uniform student, CE = log 4
     student[1:, 0] = student_temp * math.log(3)  # image 1's tokens: p_student[0] = 3 / (3 + 3) -> CE = log 2
-    loss = IBOTPatchLoss(student_temp=student_temp)(student, teacher, masks)
+    indices, weights = masked_token_weights(masks.numpy())
+    assert indices.tolist() == [5] + [12 + i for i in range(1, 11)]      # row-major positions in [B, N]
+    loss = IBOTPatchLoss(student_temp=student_temp)(student, teacher, torch.from_numpy(weights))
     assert loss.item() == pytest.approx((math.log(4) + math.log(2)) / 2, rel=1e-6)
 
 
 def test_ibot_without_masked_tokens_is_zero_and_differentiable():
     student = torch.zeros(0, 4, requires_grad=True)
-    loss = IBOTPatchLoss()(student, torch.zeros(0, 4), torch.zeros(2, 6, dtype=torch.bool))
+    indices, weights = masked_token_weights(np.zeros((2, 6), dtype=bool))
+    assert indices.shape == weights.shape == (0,)
+    loss = IBOTPatchLoss()(student, torch.zeros(0, 4), torch.from_numpy(weights))
     loss.backward()
     assert loss.item() == 0.0 and student.grad is not None
 
 
 def test_ibot_rejects_rows_that_do_not_match_the_mask():
-    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks = np.zeros((2, 4), dtype=bool)
     masks[0, :2] = True
     with pytest.raises(ValueError, match="M = 2"):
-        IBOTPatchLoss()(torch.zeros(3, 4), torch.zeros(3, 4), masks)
+        IBOTPatchLoss()(torch.zeros(3, 4), torch.zeros(3, 4), torch.from_numpy(masked_token_weights(masks)[1]))
 
 
 # --------------------------------------------------------------------------------------------------- KoLeo

@@ -32,14 +32,16 @@ from braindino.augment.intensity import (
     random_noise,
     random_spike,
 )
-from braindino.augment.masking import BlockMaskGenerator, sample_batch_masks
+from braindino.augment.masking import BlockMaskGenerator, IBOTMaskSampler, MaskBatch, sample_batch_masks
 from braindino.augment.multicrop import MultiCropAugmentation, MultiCropConfig
 
 __all__ = [
     "OUTPUT_RANGE",
     "BlockMaskGenerator",
+    "IBOTMaskSampler",
     "CropParameters",
     "IntensityAugmentConfig",
+    "MaskBatch",
     "MultiCropAugmentation",
     "MultiCropConfig",
     "add_ghosting",

@@ -151,14 +151,17 @@ def add_ghosting(
     return torch.fft.ifft2(spectrum).real.to(images.dtype)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur with per-sample ``sigma[b]`` in pixels, as grouped convolutions.
 
-    images ``[B, C, H, W]``, sigma ``[B]`` > 0. Kernel radius ``ceil(3 * max(sigma))`` for the whole batch,
+    images ``[B, C, H, W]``, sigma ``[B]`` > 0. Kernel radius ``radius`` for the whole batch (default
+    ``ceil(3 * max(sigma))``, which reads ``sigma`` back to the host; pass it to keep a GPU step asynchronous),
     each kernel normalised to sum 1; borders replicate the edge pixel (like ``scipy.ndimage`` ``mode="nearest"``).
     """
     batch, channels, height, width = images.shape
-    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    if radius is None:
+        radius = math.ceil(3.0 * float(sigma.max()))
+    radius = max(1, int(radius))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernels = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1).to(images.dtype)) ** 2)
     kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
@@ -267,7 +270,7 @@ def random_noise(
 ) -> torch.Tensor:
     """Add Gaussian noise with per-sample ``std ~ U(std)``, each sample with probability ``p``.
 
-    Noise is drawn for the selected samples only (after their standard deviations).
+    Noise is drawn for every sample (after the standard deviations) and kept for the selected ones.
     """
     if p <= 0:
         return images
@@ -293,7 +296,12 @@ def random_blur(
     batch, device = images.shape[0], images.device
     selected = draw_selection(batch, p, generator, device)
     sigmas = uniform((batch,), *sigma, generator, device)
-    return apply_to_selected(images, selected, gaussian_blur, sigmas)
+    radius = math.ceil(3.0 * sigma[1])   # fixed by the range, not by this batch's draws
+
+    def blur(chosen: torch.Tensor, chosen_sigmas: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(chosen, chosen_sigmas, radius)
+
+    return apply_to_selected(images, selected, blur, sigmas)
 
 
 def augment_acquisition(

@@ -10,9 +10,12 @@ patch if nothing is masked yet), so every mask has exactly the requested number 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from braindino.losses.ibot import masked_token_weights
 
 BLOCK_ATTEMPTS = 10
 """Block draws tried before the block phase gives up and the top-up phase finishes the mask."""
@@ -117,3 +120,45 @@ def sample_batch_masks(
         ratio = rng.uniform(edges[rank], edges[rank + 1])
         masks[image] = generator(int(math.floor(ratio * n_patches + 0.5)), rng).reshape(-1)
     return torch.from_numpy(masks)
+
+
+@dataclass
+class MaskBatch:
+    """One step's iBOT masks with everything derived from them, built on the CPU (in a data-loader worker).
+
+    masks ``[B, N]`` bool (``True`` = masked); indices ``[M]`` int64, the masked tokens' flat row-major positions
+    in ``[B, N]`` (the student and teacher gather patch tokens with them, a gather whose size the host knows);
+    weights ``[M]`` float32, the iBOT loss weight of each masked token (see ``braindino.losses.ibot``).
+    """
+
+    masks: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, masks: np.ndarray) -> MaskBatch:
+        indices, weights = masked_token_weights(masks)
+        return cls(torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(indices),
+                   torch.from_numpy(weights))
+
+    def pin_memory(self) -> MaskBatch:
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` is a true asynchronous copy."""
+        return MaskBatch(self.masks.pin_memory(), self.indices.pin_memory(), self.weights.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> MaskBatch:
+        return MaskBatch(*(t.to(device, non_blocking=non_blocking) for t in (self.masks, self.indices,
+                                                                             self.weights)))
+
+
+@dataclass(frozen=True)
+class IBOTMaskSampler:
+    """Picklable recipe for one step's masks: ``sampler(n_images, rng) -> MaskBatch`` (see ``sample_batch_masks``)."""
+
+    grid_size: tuple
+    mask_ratio_range: tuple = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+
+    def __call__(self, n_images: int, rng: np.random.Generator) -> MaskBatch:
+        masks = sample_batch_masks(n_images, self.grid_size, self.mask_ratio_range, self.mask_sample_probability,
+                                   rng)
+        return MaskBatch.from_masks(masks.numpy())

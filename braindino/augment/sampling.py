@@ -56,15 +56,12 @@ def draw_selection(
 
 
 def apply_to_selected(images: torch.Tensor, selected: torch.Tensor | None, operation, *parameters) -> torch.Tensor:
-    """Run ``operation(images[i], *parameters[i])`` on the selected rows only, batched; others pass through.
+    """``operation(images, *parameters)`` on the selected rows; the other rows pass through unchanged.
 
     images: ``[B, C, H, W]``; selected: ``[B]`` bool or ``None`` (all rows); every parameter has leading dim ``B``.
+    The operation runs on every row and ``torch.where`` picks the result per row: no row count is read back to the
+    host, so a CUDA step never waits for the GPU here (a gather of the selected rows would need their number).
     """
     if selected is None:
         return operation(images, *parameters)
-    index = selected.nonzero().squeeze(1)
-    if index.numel() == 0:
-        return images
-    result = images.clone()
-    result[index] = operation(images[index], *(parameter[index] for parameter in parameters))
-    return result
+    return torch.where(selected.view(-1, *([1] * (images.dim() - 1))), operation(images, *parameters), images)

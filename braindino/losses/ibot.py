@@ -5,15 +5,31 @@ least one masked token::
 
     CE_j = -sum_k  p_t[j, k] * log_softmax(z_s[j, :] / tau_s)[k]
 
-    loss = 1/I * sum_j  CE_j / n_b(j)
+    loss = sum_j  w_j * CE_j,      w_j = 1 / (I * n_b(j))
 
 Each masked image counts equally, however many of its tokens were masked: an image with 1 masked token weighs as much
-as one with 10. The student saw mask tokens at these positions; the teacher saw the real patches.
+as one with 10. The student saw mask tokens at these positions; the teacher saw the real patches. The token weights
+``w`` depend only on the masks, so they are computed with them (on the CPU, in the data loader) and the loss itself
+needs nothing read back from the device.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def masked_token_weights(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``masks [B, N]`` bool → (``indices [M]`` int64 flat row-major positions of the masked tokens,
+    ``weights [M]`` float32 ``1 / (I * n_b(j))``); both empty when nothing is masked."""
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2:
+        raise ValueError(f"masks must be [B, N], got shape {masks.shape}")
+    indices = np.flatnonzero(masks)
+    masked_per_image = masks.sum(axis=1)
+    n_masked_images = int((masked_per_image > 0).sum())
+    weights = 1.0 / (n_masked_images * masked_per_image[indices // masks.shape[1]].astype(np.float64))
+    return indices.astype(np.int64), weights.astype(np.float32)
 
 
 class IBOTPatchLoss(nn.Module):
@@ -25,29 +41,19 @@ class IBOTPatchLoss(nn.Module):
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
         self.student_temp = student_temp
 
-    def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks: Tensor) -> Tensor:
+    def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, token_weights: Tensor) -> Tensor:
         """Scalar float32 loss.
 
         student_patch_logits: [M, K] student logits of the masked tokens.
         teacher_patch_probs: [M, K] teacher probabilities of the same tokens (rows sum to 1).
-        masks: [B, N] bool, True where a patch token was masked. Rows of the two [M, K] inputs follow
-            ``masks.nonzero()`` (row-major over [B, N]: image 0's masked tokens first, in token order).
-        A batch without any masked token gives 0, still attached to the student graph.
+        token_weights: [M] from :func:`masked_token_weights` (rows follow its ``indices``).
+        A batch without any masked token (M = 0) gives 0, still attached to the student graph.
         """
-        if masks.dim() != 2 or masks.dtype != torch.bool:
-            raise ValueError(f"masks must be a [B, N] bool tensor, got {masks.dtype} {tuple(masks.shape)}")
-        masked_per_image = masks.sum(dim=1)
-        n_masked = int(masked_per_image.sum())
-        if student_patch_logits.shape != teacher_patch_probs.shape or student_patch_logits.shape[0] != n_masked:
-            raise ValueError(f"expected student and teacher [M, K] with M = {n_masked} masked tokens, got "
-                             f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}")
-        if n_masked == 0:
-            return student_patch_logits.float().sum() * 0.0
-
+        if (student_patch_logits.shape != teacher_patch_probs.shape
+                or student_patch_logits.shape[:1] != token_weights.shape):
+            raise ValueError(f"expected student and teacher [M, K] with M = {token_weights.shape[0]} masked tokens, "
+                             f"got {tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}")
         with torch.autocast(device_type=student_patch_logits.device.type, enabled=False):
             student_log_probs = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
             token_cross_entropy = -(teacher_patch_probs.float() * student_log_probs).sum(dim=-1)
-        image_of_token = masks.nonzero()[:, 0]
-        token_weight = 1.0 / masked_per_image[image_of_token].float()
-        n_masked_images = (masked_per_image > 0).sum()
-        return (token_cross_entropy * token_weight).sum() / n_masked_images
+        return (token_cross_entropy * token_weights.float()).sum()

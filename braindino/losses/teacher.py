@@ -60,10 +60,10 @@ class TeacherCentering(nn.Module):
         if _distributed():
             dist.all_reduce(sum_and_count)
         count = sum_and_count[-1]
-        if count.item() == 0:
-            raise ValueError("cannot update the teacher centre from zero rows")
-        batch_mean = (sum_and_count[:-1] / count).unsqueeze(0)
-        self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        batch_mean = (sum_and_count[:-1] / count.clamp_min(1.0)).unsqueeze(0)
+        # no rows on any rank (e.g. no masked patch this step): the centre stays, decided without a host sync
+        updated = self.center * self.momentum + batch_mean * (1.0 - self.momentum)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
 
 def _global_column_logsumexp(log_q: Tensor) -> Tensor:

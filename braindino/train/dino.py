@@ -2,6 +2,8 @@
 
 Shapes: ``G`` global crops and ``L`` local crops of a local batch of ``B`` slices arrive crop-major
 (``[G*B, 1, S, S]``, row ``c*B + b`` is crop ``c`` of slice ``b``); ``N`` patches per global crop; ``K`` prototypes.
+iBOT masks arrive as a ``MaskBatch`` (``braindino.augment``): ``[G*B, N]`` masks plus the ``[M]`` flat indices and
+loss weights of the masked tokens, made on the CPU, so no step needs a token count back from the device.
 """
 
 import copy
@@ -9,8 +11,14 @@ import copy
 import torch
 from torch import nn
 
+from braindino.augment import MaskBatch
 from braindino.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering, sinkhorn_knopp
 from braindino.models import DINOHead
+
+
+def masked_patch_tokens(patch_tokens: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+    """``[G*B, N, D]`` → ``[M, D]``: the tokens at ``masks.indices`` (row-major over ``[G*B, N]``)."""
+    return patch_tokens.flatten(0, 1).index_select(0, masks.indices)
 
 
 class DINOStudent(nn.Module):
@@ -22,16 +30,16 @@ class DINOStudent(nn.Module):
         self.dino_head = dino_head
         self.ibot_head = ibot_head
 
-    def forward(self, global_crops, local_crops, masks=None) -> dict:
-        """global_crops ``[G*B,1,S,S]``, local_crops ``[L*B,1,s,s]``, masks ``[G*B,N]`` bool or None →
+    def forward(self, global_crops, local_crops, masks: MaskBatch | None = None) -> dict:
+        """global_crops ``[G*B,1,S,S]``, local_crops ``[L*B,1,s,s]``, masks or None →
         ``cls [G*B,D]``, ``dino_global [G*B,K]``, ``dino_local [L*B,K]`` or None, ``ibot [M,K]`` or None."""
-        features = self.backbone.forward_features(global_crops, masks)
+        features = self.backbone.forward_features(global_crops, None if masks is None else masks.masks)
         out = {"cls": features["cls"], "dino_global": self.dino_head(features["cls"]),
                "dino_local": None, "ibot": None}
         if local_crops.shape[0] > 0:
             out["dino_local"] = self.dino_head(self.backbone.forward_features(local_crops)["cls"])
         if masks is not None and self.ibot_head is not None:
-            out["ibot"] = self.ibot_head(features["patch"][masks])
+            out["ibot"] = self.ibot_head(masked_patch_tokens(features["patch"], masks))
         return out
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
@@ -52,7 +60,7 @@ class DINOTeacher(nn.Module):
             parameter.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, global_crops, masks=None, cls_only: bool = False):
+    def forward(self, global_crops, masks: MaskBatch | None = None, cls_only: bool = False):
         """→ ``dino [G*B,K]`` logits, ``ibot [M,K]`` logits of the patches the student saw masked (or None);
         with ``cls_only`` just the backbone's CLS embedding ``[G*B, D]`` (the encoder a probe would use)."""
         features = self.backbone.forward_features(global_crops)
@@ -60,13 +68,16 @@ class DINOTeacher(nn.Module):
             return features["cls"]
         out = {"dino": self.dino_head(features["cls"]), "ibot": None}
         if masks is not None and self.ibot_head is not None:
-            out["ibot"] = self.ibot_head(features["patch"][masks])
+            out["ibot"] = self.ibot_head(masked_patch_tokens(features["patch"], masks))
         return out
 
 
 @torch.no_grad()
-def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float | torch.Tensor) -> None:
     """EMA: ``teacher ← momentum * teacher + (1 - momentum) * student``, parameter by parameter.
+
+    ``momentum`` may be a 0-dim tensor on the parameters' device (a momentum of exactly 1 leaves the teacher
+    bit-identical: how a skipped step keeps it without reading anything back to the host).
 
     Under FSDP2 both networks are sharded alike and the update runs shard by shard; the root module keeps its
     parameters gathered after forward, so both are resharded first.
@@ -105,8 +116,9 @@ class DINOObjective(nn.Module):
         centering.update(logits)
         return probs
 
-    def forward(self, student_out: dict, teacher_out: dict, masks, teacher_temp: float, n_global: int):
-        """→ (total loss scalar, {term: float}, {"teacher_probs": [G*B,K], "student_logits": [G*B,K]})."""
+    def forward(self, student_out: dict, teacher_out: dict, masks: MaskBatch | None, teacher_temp: float,
+                n_global: int):
+        """→ (total loss scalar, {term: 0-dim tensor}, {"teacher_probs": [G*B,K], "student_logits": [G*B,K]})."""
         weights = self.config
         teacher_probs = self._teacher_probabilities(teacher_out["dino"], self.dino_centering, teacher_temp)
         student_global = student_out["dino_global"].float()
@@ -118,7 +130,7 @@ class DINOObjective(nn.Module):
         total = weights.dino.loss_weight * terms["dino"]
         if self.uses_ibot and student_out["ibot"] is not None:
             ibot_probs = self._teacher_probabilities(teacher_out["ibot"], self.ibot_centering, teacher_temp)
-            terms["ibot"] = self.ibot_loss(student_out["ibot"].float(), ibot_probs, masks)
+            terms["ibot"] = self.ibot_loss(student_out["ibot"].float(), ibot_probs, masks.weights)
             total = total + weights.ibot.loss_weight * terms["ibot"]
         if weights.koleo.loss_weight > 0:
             chunks = student_out["cls"].chunk(n_global)

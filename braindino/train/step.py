@@ -1,31 +1,31 @@
 """One optimisation step of self-supervised pretraining, and the networks and optimiser it updates.
 
 ``TrainingStep(step, batch)``: apply the step's scheduled lr / weight decay → multi-crop + intensity augmentation
-on the device → iBOT block masks → student and teacher forward → weighted loss → skip on NaN/Inf (all processes
-agree) → backward, gradient clipping, last-layer freeze, AdamW → teacher EMA. Everything random in a step is
+on the device → student and teacher forward (iBOT masks come with the batch, made by the data loader) → weighted
+loss → backward, gradient clipping, last-layer freeze → fused AdamW → teacher EMA. Everything random in a step is
 seeded from (seed, step, rank), so a resumed run continues bit-identically.
+
+The step never reads a value back from the device: a NaN/Inf loss or gradient norm (on any process) is a device
+flag that makes the fused optimiser skip its update (``found_inf``, the mechanism of ``torch.amp.GradScaler``), the
+teacher EMA use momentum 1, and the loss state keep its previous value. Losses, the gradient norm and the flag stay
+on the device in ``StepResult`` until a log step reads them, so a GPU never waits for the host between log steps.
 """
 
 import contextlib
-import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from braindino.augment import IntensityAugmentConfig, MultiCropAugmentation, MultiCropConfig, sample_batch_masks
+from braindino.augment import IntensityAugmentConfig, MultiCropAugmentation, MultiCropConfig
 from braindino.models import build_backbone, load_pretrained_backbone, parameter_groups, set_attention_backend
 from braindino.models.init_from import IMAGENET_MEAN, IMAGENET_STD
+from braindino.train.data import StepBatch, ibot_mask_sampler, step_masks, step_seed
 from braindino.train.dino import DINOObjective, build_dino_networks, update_teacher
-from braindino.train.distributed import DistInfo, all_reduce_max
+from braindino.train.distributed import DistInfo
 from braindino.train.schedules import build_schedules
 from braindino.train.simclr import SimCLRObjective, build_simclr_network
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for everything random in one step of one process."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def multicrop_config(config) -> MultiCropConfig:
@@ -106,22 +106,44 @@ def build_training(config, dist_info: DistInfo) -> Training:
     wrapped = wrap_for_distributed(student, teacher, config, dist_info, bf16)
     groups = parameter_groups(student, weight_decay=1.0, layer_decay=config.optim.layer_decay,
                               patch_embed_lr_multiplier=config.optim.patch_embed_lr_multiplier)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(config.optim.betas))
+    # fused: one kernel per step on CUDA and CPU, and it honours a device-side ``found_inf`` (see the module doc)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(config.optim.betas), fused=True)
     return Training(wrapped, student, teacher, objective, optimizer, attention, bf16)
 
 
 @dataclass
 class StepResult:
-    losses: dict            # term name → float, plus "total"
-    scheduled: dict         # lr, weight_decay, teacher_momentum, teacher_temp used
-    grad_norm: float
-    applied: bool           # False: NaN/Inf loss or gradient, the step was skipped and all state left as it was
+    """A step's outcome, its numbers still on the device; the properties read them back (a host sync)."""
+    loss_terms: dict        # term name → 0-dim tensor, plus "total"
+    scheduled: dict         # lr, weight_decay, teacher_momentum, teacher_temp used (Python floats)
+    grad_norm_tensor: torch.Tensor   # 0-dim
+    skipped_flag: torch.Tensor       # 0-dim float: 1.0 = NaN/Inf loss or gradient on some process, state kept
     student_out: dict       # network outputs (for the collapse monitors)
     extra: dict             # objective's teacher probabilities / student logits (for the monitors)
 
+    @property
+    def losses(self) -> dict:
+        return {name: float(value) for name, value in self.loss_terms.items()}
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_tensor)
+
+    @property
+    def applied(self) -> bool:
+        return not bool(self.skipped_flag)
+
+
+def any_process(flag: torch.Tensor) -> torch.Tensor:
+    """0-dim float flag → its maximum over all processes (an all-reduce, no host sync)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
 
 class TrainingStep:
-    """Callable ``(step, batch [B_local, 1, H, W]) → StepResult`` over a ``Training``."""
+    """Callable ``(step, batch) → StepResult`` over a ``Training``; ``batch`` is a ``StepBatch`` from the data
+    loader, or a bare ``[B_local, 1, H, W]`` tensor (its iBOT masks are then drawn here, identically)."""
 
     def __init__(self, config, training: Training, dist_info: DistInfo):
         self.config = config
@@ -130,23 +152,22 @@ class TrainingStep:
         self.rank = dist_info.rank
         self.schedules = build_schedules(config)
         self.augment = MultiCropAugmentation(multicrop_config(config))
-        self.grid = (config.crops.global_size // config.model.patch_size,) * 2
-        self.uses_masks = config.objective == "dino" and config.ibot.loss_weight > 0
+        self.mask_sampler = ibot_mask_sampler(config)
         self.last_layer = (training.student_module.last_layer_parameters() if training.teacher is not None else [])
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if training.bf16 else contextlib.nullcontext()
 
-    def __call__(self, step: int, batch: torch.Tensor) -> StepResult:
+    def __call__(self, step: int, batch: StepBatch | torch.Tensor) -> StepResult:
         config, t = self.config, self.training
+        if isinstance(batch, torch.Tensor):
+            batch = StepBatch(batch, step_masks(self.mask_sampler, 2 * batch.shape[0], config.seed, step, self.rank))
         scheduled = self.schedules.at(step)
         for group in t.optimizer.param_groups:
             group["lr"] = scheduled["lr"] * group["lr_multiplier"]
             group["weight_decay"] = scheduled["weight_decay"] * group["wd_multiplier"]
         seed = step_seed(config.seed, step, self.rank)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        crops = self.augment(batch.to(self.device, non_blocking=True).float(), generator)
-        masks = (sample_batch_masks(crops["global"].shape[0], self.grid, tuple(config.ibot.mask_ratio_range),
-                                    config.ibot.mask_sample_probability, np.random.default_rng(seed))
-                 .to(self.device) if self.uses_masks else None)
+        crops = self.augment(batch.slices.to(self.device, non_blocking=True).float(), generator)
+        masks = None if batch.masks is None else batch.masks.to(self.device, non_blocking=True)
         torch.manual_seed(seed)   # drop path
         objective_state = {k: v.clone() for k, v in t.objective.state_dict().items()}
 
@@ -154,24 +175,22 @@ class TrainingStep:
             student_out = t.student(crops["global"], crops["local"], masks)
             teacher_out = t.teacher(crops["global"], masks) if t.teacher is not None else None
             total, terms, extra = t.objective(student_out, teacher_out, masks, scheduled["teacher_temp"], 2)
-        losses = {name: float(value.detach()) for name, value in terms.items()}
-        losses["total"] = float(total.detach())
-        applied = all_reduce_max(0.0 if math.isfinite(losses["total"]) else 1.0, self.device) == 0.0
-        grad_norm = float("nan")
-        if applied:
-            t.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), config.optim.clip_grad)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            applied = math.isfinite(grad_norm)
-        if not applied:
-            t.objective.load_state_dict(objective_state)
-            t.optimizer.zero_grad(set_to_none=True)
-            return StepResult(losses, scheduled, grad_norm, False, student_out, extra)
+        t.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), config.optim.clip_grad)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total = total.detach()
+        skipped = any_process((~(torch.isfinite(total) & torch.isfinite(norm))).float())
         if step < config.dino.freeze_last_layer_iters:
             for parameter in self.last_layer:
                 parameter.grad = None
+        t.optimizer.found_inf, t.optimizer.grad_scale = skipped, None   # fused AdamW: skip the update on the device
         t.optimizer.step()
+        kept = skipped.bool()
+        for name, value in t.objective.state_dict().items():   # a skipped step leaves the teacher centres as they were
+            value.copy_(torch.where(kept, objective_state[name], value))
         if t.teacher is not None:
-            update_teacher(t.student_module, t.teacher, scheduled["teacher_momentum"])
-        return StepResult(losses, scheduled, grad_norm, True, student_out, extra)
+            update_teacher(t.student_module, t.teacher,
+                           torch.where(kept, 1.0, scheduled["teacher_momentum"]).to(torch.float32))
+        loss_terms = {name: value.detach() for name, value in terms.items()} | {"total": total}
+        return StepResult(loss_terms, scheduled, norm.detach(), skipped, student_out, extra)
