@@ -47,16 +47,28 @@ def fit_predict(task: str, estimator, inputs, y: dict, train: np.ndarray, test: 
     Classification probabilities are returned [n_test, n_classes] in class-code order (a class absent from the
     training subset gets probability 0). Survival ``high_risk`` compares test risks with the training median risk.
     """
+    fit_head(task, estimator, inputs, y, train)
+    return predict_set(task, estimator, select(inputs, test), y, test, n_classes, select(inputs, train))
+
+
+def fit_head(task: str, estimator, inputs, y: dict, train: np.ndarray):
+    """Fit ``estimator`` on samples ``train`` of ``inputs``; returns it."""
     from heads import BrainAgeCorrection
 
     try:
-        estimator.fit(select(inputs, train), training_target(task, y, train))
+        return estimator.fit(select(inputs, train), training_target(task, y, train))
     except ValueError as error:
         if isinstance(estimator, BrainAgeCorrection):      # e.g. predicted age does not rise with true age
             raise InputError("--brain-age-correction", str(error).splitlines()[0], "train on more subjects "
                              "(larger --fractions) or leave out the brain-age correction") from None
         raise
-    test_inputs = select(inputs, test)
+
+
+def predict_set(task: str, estimator, test_inputs, y: dict, test: np.ndarray, n_classes: int | None = None,
+                train_inputs=None) -> dict:
+    """A fitted head's prediction set for ``test_inputs`` (the inputs of samples ``test``, in that order; they may
+    differ from what the head was fitted on, e.g. perturbed volumes). Survival needs ``train_inputs`` (the median
+    training risk splits ``high_risk``)."""
     if task == "classification":
         prob = np.zeros((len(test), n_classes))
         prob[:, np.asarray(estimator.classes_, dtype=int)] = estimator.predict_proba(test_inputs)
@@ -64,7 +76,7 @@ def fit_predict(task: str, estimator, inputs, y: dict, train: np.ndarray, test: 
     if task == "regression":
         return {"y_true": y["value"][test], "y_pred": np.asarray(estimator.predict(test_inputs), dtype=float)}
     risk = np.asarray(estimator.predict(test_inputs), dtype=float)
-    train_median = float(np.median(estimator.predict(select(inputs, train))))
+    train_median = float(np.median(estimator.predict(train_inputs)))
     return {"time": y["time"][test], "event": y["event"][test], "risk": risk, "high_risk": risk > train_median}
 
 
