@@ -169,3 +169,44 @@ def test_constant_foreground_raises():
 def test_invalid_config_is_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         PreprocessConfig(**{field: value})
+
+
+def phantom_head(seed=0, stripped=False):
+    """[48, 48, 40] head filling axial slices 8..31 (24 slices): scalp/skull ring, brain with dark CSF around the
+    ventricles and at the cortex edge; outside the head air with Rician-like noise (or exact zeros if stripped)."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.indices((48, 48, 40)).astype(float)
+    radius = np.sqrt((i - 24) ** 2 + (j - 24) ** 2 + ((k - 19.5) * 18 / 12) ** 2)
+    head, brain = radius < 18, radius < 14.5
+    data = np.abs(rng.normal(0.0, 0.01, head.shape))                     # air: noise magnitude
+    data[head] = rng.uniform(0.5, 0.6, head.sum())                       # scalp and skull
+    data[brain] = rng.uniform(0.8, 1.0, brain.sum())                     # tissue
+    csf = brain & ((radius > 13) | (np.sqrt((i - 24) ** 2 + (j - 24) ** 2) < 3))
+    data[csf] = rng.uniform(0.15, 0.2, csf.sum())                        # dark CSF (FLAIR-like), on the brain's edge
+    if stripped:
+        data[~brain] = 0.0
+    return data.astype(np.float32), head, brain
+
+
+def test_auto_foreground_is_right_for_stripped_unstripped_and_zero_padded_heads():
+    config = PreprocessConfig(size=48, foreground="auto")
+    stripped, _, brain = phantom_head(stripped=True)
+    np.testing.assert_array_equal(foreground_mask(stripped, "auto"), brain)      # the dark CSF edge is kept
+    assert not np.array_equal(foreground_mask(stripped, "otsu"), brain)          # which Otsu would lose
+
+    whole, head, _ = phantom_head()
+    head_slices = np.flatnonzero(head.sum(axis=(0, 1)) >= config.min_foreground_fraction * 48 * 48)
+    assert 20 <= len(head_slices) < 24                  # the caps of the head hold too little to be kept
+    np.testing.assert_array_equal(preprocess_volume(make_volume(whole), config).z_indices, head_slices)
+
+    # the same head in a zero-padded field of view: 16 zero slices below and above, 10 zero voxels each side
+    padded = np.pad(whole, ((10, 10), (10, 10), (16, 16)))
+    assert (padded == 0).mean() > 0.5
+    np.testing.assert_array_equal(foreground_mask(padded, "auto"), foreground_mask(padded, "otsu"))
+    np.testing.assert_array_equal(preprocess_volume(make_volume(padded), config).z_indices, head_slices + 16)
+
+    # air quantised to integers: most air voxels exactly 0, the rest 1-3; the head stays the foreground
+    quantised = np.round(whole * 400 / 1.0).astype(np.float32)
+    quantised[~head] = np.round(np.abs(np.random.default_rng(1).normal(0, 1.0, (~head).sum())))
+    assert (quantised == 0).mean() > 0.3
+    np.testing.assert_array_equal(preprocess_volume(make_volume(quantised), config).z_indices, head_slices)

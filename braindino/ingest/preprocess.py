@@ -21,7 +21,8 @@ from braindino.errors import InputError
 from braindino.ingest.readers import Volume
 
 FOREGROUND_METHODS = ("auto", "nonzero", "otsu")
-AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" treats a volume with at least this share of exact zeros as stripped
+AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" considers "nonzero" only with at least this share of exact zeros
+AUTO_AIR_LEVEL = 0.05   # "air": below this share of the 99th percentile of the non-zero voxels' magnitudes
 IN_PLANE_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
 MAX_RESAMPLED_SIDE_IN_SIZES = 4        # a resampled in-plane side longer than 4 x size means a wrong voxel size
 MAX_IN_PLANE_EXTENT_MM = 600.0         # no head is this wide; larger extents come from voxel sizes in wrong units
@@ -131,16 +132,33 @@ def _check_in_plane_extent(volume: Volume, extent_mm: np.ndarray, resampled_shap
                      UNITS_HINT)
 
 
+def looks_skull_stripped(data: np.ndarray) -> bool:
+    """Whether the exact zeros of ``data`` ``[X, Y, Z]`` are a background *outside the object* (skull-stripped or
+    background-zeroed): at least 30 % of voxels are 0 and the non-zero voxels that border a zero are tissue.
+
+    A head that is not stripped but sits in a zero-padded field of view (or whose air was quantised to many exact
+    zeros) fails the second test: there the zeros border air, whose magnitude is noise, below ``AUTO_AIR_LEVEL``
+    of the bright voxels; keeping those voxels as foreground would keep noise-only slices.
+    """
+    nonzero = data != 0
+    if 1.0 - np.count_nonzero(nonzero) / data.size < AUTO_NONZERO_MIN_ZERO_FRACTION:
+        return False
+    border = nonzero & ~ndimage.binary_erosion(nonzero, border_value=1)   # the volume's own edge is not a zero
+    if not border.any():
+        return True
+    bright = np.percentile(np.abs(data[nonzero]), 99)
+    return float(np.median(np.abs(data[border]))) >= AUTO_AIR_LEVEL * bright
+
+
 def foreground_mask(data: np.ndarray, method: str) -> np.ndarray:
     """Boolean ``[X, Y, Z]`` foreground of ``data`` ``[X, Y, Z]``.
 
     ``nonzero``: voxels != 0 (skull-stripped or background-zeroed images). ``otsu``: above SimpleITK's Otsu
-    threshold, holes filled per axial slice. ``auto``: ``nonzero`` when at least 30 % of voxels are exactly 0,
-    else ``otsu``.
+    threshold, holes filled per axial slice. ``auto``: ``nonzero`` for a skull-stripped image, else ``otsu`` (see
+    :func:`looks_skull_stripped`).
     """
     if method == "auto":
-        zero_fraction = 1.0 - np.count_nonzero(data) / data.size
-        method = "nonzero" if zero_fraction >= AUTO_NONZERO_MIN_ZERO_FRACTION else "otsu"
+        method = "nonzero" if looks_skull_stripped(data) else "otsu"
     if method == "nonzero":
         return data != 0
     if method == "otsu":
