@@ -16,6 +16,11 @@ SUBCOMMANDS = {
     "extract": ("braindino.extract.command", "embed a manifest's volumes with a frozen encoder into a features folder"),
     "probe": ("braindino.probe.command", "probe a frozen encoder on labelled endpoints: metrics with CIs, "
                                          "baselines on the same splits, report"),
+    "robustness": ("braindino.robustness.command", "score probe heads trained on clean volumes on perturbed test "
+                                                   "volumes (contrast, bias field, Gibbs, noise, ghosting, thick "
+                                                   "slices): metric and drop from clean per severity and encoder"),
+    "saliency": ("braindino.saliency.command", "CLS attention, attention rollout and probe-gradient maps as NIfTI in "
+                                               "the input's native voxel grid, with PNG montages"),
     "demo": ("braindino.demo", "run the main job end to end on the embedded synthetic cohort"),
     "configs": ("braindino.train.catalog", "list the shipped training configs (use a name as `train --config NAME`)"),
 }
