@@ -74,7 +74,16 @@ def main(argv=None) -> int:
     tolerate_any_terminal_encoding()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except Exception as err:   # an error re-raised from a DataLoader worker: print its own one-line cause
+        from braindino.errors import worker_cause
+
+        cause = worker_cause(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,15 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from braindino.encoder.export import export_model
-    from braindino.errors import InputError
+    from braindino.errors import InputError, error_line
 
     try:
         config = export_model(args.checkpoint, args.out, network=args.network, with_heads=args.with_heads)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {args.out}: {err.strerror or err} — check free space and permissions", file=sys.stderr)
+    except (InputError, OSError) as err:   # a write error is an OutputError naming the folder and space needed
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     provenance = config["braindino"]["provenance"]
     size = config["model_args"]["img_size"]

@@ -4,16 +4,23 @@ The teacher's (or student's) ``backbone.vit.*`` weights become timm ``VisionTran
 the iBOT ``mask_token`` is dropped: a frozen encoder never masks). The DINO / iBOT / SimCLR heads can be written
 beside them as ``heads.safetensors``. Everything export needs about preprocessing and architecture comes from the
 checkpoint's ``provenance`` (recorded by ``braindino train``).
+
+The files are written into a temporary sibling folder first and only then renamed into ``out`` (``config.json``
+last): a failed export (a full disk) leaves an earlier export in ``out`` as it was, loadable, and no temporary
+files; it raises a one-line ``OutputError`` naming the folder and the space the model needs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from braindino.errors import InputError
+from braindino.errors import InputError, OutputError, write_error
 from braindino.models import PRESETS
 from braindino.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -84,5 +91,35 @@ def export_model(checkpoint, out, network: str | None = None, with_heads: bool =
                          provenance["patch_size"], provenance["input_size"], provenance["num_register_tokens"],
                          provenance["layerscale_init"], provenance["preprocessing"], provenance)
     heads, aliases = drop_shared(heads)
-    write_model_folder(out, config, weights, heads if with_heads else None, {"aliases": json.dumps(aliases)})
+    heads = heads if with_heads else None
+    needed = sum(t.numel() * t.element_size() for part in (weights, heads or {}) for t in part.values())
+    write_beside_then_move(Path(out), needed, lambda folder: write_model_folder(
+        folder, config, weights, heads, {"aliases": json.dumps(aliases)}))
     return config
+
+
+def write_beside_then_move(out: Path, needed_bytes: int, write) -> None:
+    """``write(folder)`` into a fresh temporary sibling of ``out``, then rename its files into ``out`` (config.json
+    last; renames need no space) and drop files of an earlier export that this one has not (heads)."""
+    from braindino.encoder.model_folder import CONFIG_JSON, HEADS
+
+    kept = ("the model already in it is unchanged" if (out / CONFIG_JSON).is_file() else "nothing was written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise write_error(err, out, "the model folder", needed_bytes, kept) from err
+    try:
+        write(staging)
+        out.mkdir(exist_ok=True)
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == CONFIG_JSON):
+            os.replace(staging / name, out / name)
+        if HEADS not in names:
+            (out / HEADS).unlink(missing_ok=True)
+    except OutputError as err:
+        raise write_error(err.__cause__ or err, out, "the model folder", needed_bytes, kept) from err
+    except OSError as err:
+        raise write_error(err, out, "the model folder", needed_bytes, kept) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from braindino.encoder import load_encoder
-    from braindino.errors import InputError
+    from braindino.errors import InputError, error_line
     from braindino.extract.cohort import extract_cohort
 
     try:
@@ -40,11 +40,8 @@ def run(args: argparse.Namespace) -> int:
         _features, report = extract_cohort(encoder, args.manifest, args.out, batch_size=args.batch_size,
                                            workers=args.workers, patch_tokens=args.patch_tokens,
                                            slice_stride=args.slice_stride)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {args.out}: {err.strerror or err} — check free space and permissions", file=sys.stderr)
+    except (InputError, OSError) as err:   # a write error is an OutputError naming the folder and space needed
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     where = f" (see {os.path.join(args.out, 'errors.csv')})" if report.errors else ""
     print(f"braindino extract: {report.summary()} -> {args.out}{where}")

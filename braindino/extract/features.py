@@ -19,7 +19,8 @@ stale and embeds the volume again.
 ``<key>`` (16 hex) is a hash of (model fingerprint, preprocessing, file content hash, volume_index, patch flag,
 slice stride when not 1):
 the cache key. A features folder belongs to one model: writing another model's features into it is refused.
-Every file is written atomically (temporary sibling + rename).
+Every file is written atomically (temporary sibling + rename); a failed write (a full disk) leaves no temporary
+or partial file and raises a one-line ``OutputError`` naming the folder and the space the file needed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ FEATURE_COLUMNS = ["feature_file", "model_fingerprint", "content_hash", "n_slice
 MODEL_KEYS = ("name", "fingerprint", "preprocessing", "input_size", "embed_dim", "patch_size", "grid")
 _ARRAY_GEOMETRY = ("affine", "native_affine")
 _REWRITE_HINT = "extract the features again into a new --out folder"
+_KEPT = "the volumes written before are kept and a rerun reuses them"
 
 
 def feature_key(fingerprint: str, preprocessing: dict, content_hash: str, volume_index, patch_tokens: bool,
@@ -90,7 +92,8 @@ def write_volume_features(path, cls: np.ndarray, mean_patch: np.ndarray, z: np.n
         tensors["hemispheres"] = np.ascontiguousarray(hemispheres, dtype=np.float32)
     if patch is not None:
         tensors["patch"] = np.ascontiguousarray(patch, dtype=np.float16)
-    with atomic_path(path) as tmp:
+    needed = sum(array.nbytes for array in tensors.values())
+    with atomic_path(path, needed_bytes=needed, kept=_KEPT) as tmp:
         save_file(tensors, str(tmp), metadata={"geometry": geometry_to_json(geometry)})
 
 
@@ -203,7 +206,7 @@ def open_features(root) -> Features:
 
 def write_table(path, table: pd.DataFrame) -> None:
     """Atomically write a CSV table."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed_bytes=int(table.memory_usage(deep=True).sum()), kept=_KEPT) as tmp:
         table.to_csv(tmp, index=False)
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-from braindino.errors import InputError
+from braindino.errors import InputError, error_line
 from braindino.ingest.preprocess import FOREGROUND_METHODS, PreprocessConfig
 from braindino.store.writer import prepare_store
 
@@ -59,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except InputError as err:
         print(f"braindino prepare: {err}", file=sys.stderr)
         return 2
-    except OSError as err:   # writing the store (files that are read report their own errors per volume)
-        print(f"braindino prepare: {args.out}: {err.strerror or err} — check free space and permissions; "
-              f"finished volumes are kept", file=sys.stderr)
+    except OSError as err:   # writing the store, as an OutputError (files that are read report errors per volume)
+        print(f"braindino prepare: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"braindino prepare: interrupted — the volumes finished so far are stored in {args.out}; rerun the "

@@ -12,11 +12,18 @@ file has the content hash (and volume_index) of an orphan reuses the orphan's st
 again ("moved"). After the run, orphans whose file no longer exists are dropped from the store: silently when a
 manifest row took over their content (a move), else with one warning line and a count in the summary, so training
 does not go on using them. Orphans whose file still exists are kept (a store may be filled from several manifests).
+
+A failed write (full disk, quota) raises a one-line ``OutputError`` naming the store folder and about how much more
+space the volumes not yet stored need; the temporary shard and index files are removed, and the store keeps its
+last committed generation (every volume in it complete), so rerunning the same command continues.
 """
+
+import fcntl
 
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,12 +37,12 @@ import torch
 from tqdm import tqdm
 
 from braindino.atomic import atomic_path
-from braindino.errors import InputError
+from braindino.errors import InputError, OutputError, write_error
 from braindino.ingest.preprocess import PreprocessConfig, preprocess_volume
 from braindino.ingest.readers import content_hash, load_volume
 from braindino.manifest import find_duplicate_rows, read_manifest
-from braindino.store.format import (DEFAULT_SHARD_BYTES, ERRORS_CSV, RESERVED_COLUMNS, StoreBuilder,
-                                    volume_key)
+from braindino.store.format import (DEFAULT_SHARD_BYTES, ERRORS_CSV, LOCK_FILE, PIXEL_DTYPE, RESERVED_COLUMNS,
+                                    SHARDS_DIR, STORE_JSON, StoreBuilder, read_meta, volume_key)
 
 ERROR_COLUMNS = ["path", "subject", "sequence", "cause", "hint"]
 UNEXPECTED_HINT = ("check that the file opens in an image viewer; if it does, report this error type to the "
@@ -59,6 +66,7 @@ class PrepareReport:
     seconds: float = 0.0
     errors: list = field(default_factory=list)
     dropped: list = field(default_factory=list)   # paths of stored volumes dropped: not in the manifest, file gone
+    writing_slices: int = 0   # slices of the volume being added (sizes the space a failed write needed)
 
     @property
     def failed(self) -> int:
@@ -205,6 +213,25 @@ def _write_errors(out_dir, errors: list[dict]) -> None:
         pd.DataFrame(errors, columns=ERROR_COLUMNS).to_csv(tmp, index=False)
 
 
+def _remove_temporary_files(out_dir: Path) -> None:
+    """After a failed write: delete the ``*.tmp`` shard and index a writer left, unless another writer holds
+    the store (it cleans up by itself when it opens)."""
+    try:
+        with open(out_dir / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for path in [*(out_dir / SHARDS_DIR).glob("*.tmp"), *out_dir.glob("index-*.tmp")]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except OSError:
+        pass
+
+
+def _committed_volumes(out_dir: Path) -> int:
+    try:
+        return int(read_meta(out_dir)["n_volumes"])
+    except (InputError, OSError, KeyError, ValueError):
+        return 0
+
+
 def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None, workers: int = 1,
                   shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> PrepareReport:
     """Ingest the volumes listed in ``manifest_path`` into the store folder ``out_dir``.
@@ -226,6 +253,28 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
     rows = manifest.to_dict("records")
     duplicates = set(find_duplicate_rows(manifest))
     report = PrepareReport()
+    committed_before = _committed_volumes(out_dir)
+    try:
+        _build(out_dir, rows, duplicates, config, workers, shard_bytes, progress, report)
+    except OSError as err:
+        _remove_temporary_files(out_dir)
+        committed = _committed_volumes(out_dir)
+        to_go = max(1, len(rows) - report.skipped - report.moved - report.failed - (committed - committed_before))
+        slice_bytes = config.size * config.size * PIXEL_DTYPE.itemsize
+        per_volume = report.slices_written / report.stored if report.stored else report.writing_slices
+        kept = (f"{to_go} volumes still to store; " + (
+            f"the {committed} volumes committed before are kept and the rerun continues from them" if committed
+            else "nothing was stored yet"))
+        cause = err.__cause__ if isinstance(err, OutputError) and err.__cause__ is not None else err
+        raise write_error(cause, out_dir, "the slice store", int(to_go * per_volume * slice_bytes) or None,
+                          kept) from err
+    finally:
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+def _build(out_dir: Path, rows: list, duplicates: set, config: PreprocessConfig, workers: int, shard_bytes: int,
+           progress: bool, report: PrepareReport) -> None:
     with StoreBuilder(out_dir, asdict(config), config.size, config.size, shard_bytes) as builder:
         orphans = _orphans_by_content(builder, {volume_key(row["path"], row.get("volume_index")) for row in rows})
         taken_over: set = set()
@@ -255,6 +304,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
                     builder.drop_volume(key)
                     _report_failure(report, row, outcome.cause, outcome.hint, bar.write)
                 else:
+                    report.writing_slices = len(outcome.slices)
                     builder.add_volume({"path": key[0], "volume_index": key[1], **metadata, **outcome.columns},
                                        outcome.slices, outcome.z_indices)
                     report.stored += 1
@@ -265,5 +315,3 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
         finally:
             outcomes.close()
             _write_errors(out_dir, report.errors)
-            report.seconds = time.perf_counter() - started
-    return report

@@ -87,17 +87,53 @@ def assert_finite(state: dict) -> None:
                 raise RuntimeError(f"refusing to write a checkpoint: {part}.{name} holds NaN/Inf")
 
 
+def state_bytes(obj) -> int:
+    """Bytes of all tensors in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(value) for value in obj)
+    return 0
+
+
 def write_checkpoint(run_dir, state: dict, keep_last: int) -> Path:
-    """Atomically write ``step-XXXXXXXX.pt`` (numbered by steps completed) and keep the newest ``keep_last``."""
+    """Atomically write ``step-XXXXXXXX.pt`` (numbered by steps completed) and keep the newest ``keep_last``.
+
+    A failed write (full disk) raises a one-line ``OutputError`` and leaves no partial or temporary file; the
+    earlier checkpoints are only pruned once the new one is in place.
+    """
     assert_finite(state)
     directory = checkpoint_dir(run_dir)
     path = directory / f"step-{state['next_step']:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    previous = latest_checkpoint(run_dir)
+    kept = (f"rerun with --resume to continue from {previous.name}, which is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    with atomic_path(path, needed_bytes=state_bytes(state), kept=kept) as tmp:
+        with open(tmp, "wb") as file:   # through a Python file, so a failed write keeps its OSError (ENOSPC)
+            torch.save(state, file)
     existing = sorted(p for p in directory.glob("step-*.pt") if CHECKPOINT_PATTERN.search(p.name))
     for old in existing[:-keep_last]:
         old.unlink()
     return path
+
+
+def newest_intact_before(path) -> Path | None:
+    """The newest checkpoint beside ``path`` with a lower step that loads, or None."""
+    path = Path(path)
+    match = CHECKPOINT_PATTERN.search(path.name)
+    step = int(match.group(1)) if match else None
+    earlier = sorted(((int(m.group(1)), p) for p in path.parent.glob("step-*.pt")
+                      if (m := CHECKPOINT_PATTERN.search(p.name)) and (step is None or int(m.group(1)) < step)),
+                     reverse=True)
+    for _, candidate in earlier:
+        try:
+            load_checkpoint(candidate)
+        except InputError:
+            continue
+        return candidate
+    return None
 
 
 def load_checkpoint(path) -> dict:
@@ -163,7 +199,9 @@ def training_provenance(config, store, config_yaml: str) -> dict:
 def restore_training_state(state: dict, student, teacher, optimizer, objective) -> int:
     """Load ``state`` into the (possibly wrapped or sharded) modules; returns the next step to run."""
     load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(student, state["student"], options=load_options)
+    # into DDP's inner module: DDP's name mapping misses the second name of a shared head (ibot_head = dino_head)
+    network = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+    set_model_state_dict(network, state["student"], options=load_options)
     # parameters that never had a gradient yet (the DINO head's last layer while frozen) have no AdamW state
     optimizer_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=optimizer_options)

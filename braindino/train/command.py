@@ -1,7 +1,14 @@
-"""``python train_dino.py`` / ``braindino train``: pretrain on a slice store, alone or under torchrun."""
+"""``python train_dino.py`` / ``braindino train``: pretrain on a slice store, alone or under torchrun.
+
+Exit status: 0 when every step ran, 75 (EX_TEMPFAIL) when the run stopped early with a checkpoint — a SIGTERM /
+SIGUSR1 from a scheduler, or ``train.max_hours`` passed — and is continued by the same command with ``--resume``,
+1 when training failed (bad store, damaged checkpoint, full disk, non-finite losses), 2 for a bad configuration.
+"""
 
 import argparse
 import sys
+
+STOPPED_EXIT_STATUS = 75   # EX_TEMPFAIL: "try again later" — requeue the job with --resume
 
 from braindino.train.config import load_config
 
@@ -20,11 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.iters=2000 model.arch=vit_base")
     parser.epilog = ("Multi-GPU / multi-node: torchrun --nproc_per_node=8 [--nnodes=N --rdzv-endpoint=HOST:PORT] "
-                     "train_dino.py ... ; optim.global_batch_size is the batch summed over all processes.")
+                     "train_dino.py ... ; optim.global_batch_size is the batch summed over all processes. "
+                     "SIGTERM / SIGUSR1 (pre-emption) or train.max_hours stop after the current step with a "
+                     "checkpoint and exit status 75; rerun with --resume to continue.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from braindino.errors import InputError
+    from braindino.errors import InputError, error_line
     from braindino.train.distributed import shutdown
     from braindino.train.trainer import train
 
@@ -40,10 +49,16 @@ def run(args: argparse.Namespace) -> int:
         resume = args.resume_from or ("latest" if args.resume else None)
         summary = train(config, args.data, args.out, resume=resume)
     except (InputError, OSError, ValueError, RuntimeError) as err:   # NonFiniteLossError is a RuntimeError
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
     finally:
         shutdown()
+    if summary["stopped"]:
+        if summary["world_size"] == 1 or _is_rank_zero():
+            print(f"stopped by {summary['stopped']} after step {summary['next_step']} of {config.optim.iters}; "
+                  f"checkpoint {summary['checkpoint']} written — to continue, rerun the same command with --resume",
+                  file=sys.stderr)
+        return STOPPED_EXIT_STATUS
     if summary["world_size"] == 1 or _is_rank_zero():
         first, last = summary["first_losses"] or {}, summary["last_losses"] or {}
         print(f"pretrained {summary['objective']} for {summary['steps_run']} steps on {summary['world_size']} "

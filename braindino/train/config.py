@@ -83,10 +83,12 @@ DEFAULTS = {
         "num_workers": 4,
         "precision": "auto",             # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
         "distributed": "ddp",            # ddp | fsdp (FSDP2 fully_shard, for large models)
+        "compile": False,                # torch.compile each transformer block (worth it on GPUs, for long runs)
         "log_every": 10,
         "monitor_every": 50,
         "checkpoint_every": 500,
         "keep_last": 3,
+        "max_hours": 0.0,                # wall-clock budget of this process: stop with a checkpoint after it (0: none)
         "max_consecutive_nonfinite": 3,
         "knn_label": None,               # manifest label column for the online kNN monitor
         "knn_every": 0,                  # 0 disables it

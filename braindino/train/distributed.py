@@ -49,11 +49,33 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
+_control_group = None   # a gloo group for small CPU-side agreements (no GPU sync on the training stream)
+
+
+def agree_max(value: int) -> int:
+    """The maximum of a small int over all processes, exchanged on the CPU (the value itself when alone).
+
+    Used once per step to agree on stopping (pre-emption signal, deadline) and after rank 0 writes a checkpoint;
+    under NCCL it goes through a separate gloo group, so it never waits for the GPU.
+    """
+    global _control_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    if _control_group is None:
+        _control_group = (dist.new_group(backend="gloo") if dist.get_backend() != "gloo"
+                          else dist.group.WORLD)
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control_group)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
+    global _control_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None

@@ -2,9 +2,16 @@
 
 Reads this process's part of each global batch from the slice store, runs ``TrainingStep``, enforces the
 NaN/Inf policy, logs losses and collapse monitors, and writes resumable checkpoints.
+
+Stopping early: on SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) or once ``train.max_hours`` have passed,
+every process finishes its current step, rank 0 writes a checkpoint of it, and ``train`` returns a summary whose
+``stopped`` names the reason (``--resume`` then continues bit-identically).
 """
 
+import functools
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,18 +21,63 @@ from tqdm import tqdm
 
 from braindino import monitors
 from braindino.atomic import atomic_write_json
+from braindino.errors import InputError
 from braindino.store import SliceStore
 from braindino.train import checkpoint as ckpt
 from braindino.train.config import save_config
 from braindino.train.data import step_loader
-from braindino.train.distributed import barrier, init_distributed
+from braindino.train.distributed import agree_max, barrier, init_distributed
 from braindino.train.metrics_log import MetricsLog
 from braindino.train.online_knn import OnlineKNN
 from braindino.train.step import TrainingStep, build_training
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_consecutive_nonfinite`` steps in a row produced NaN/Inf losses or gradients."""
+
+
+class StopRequests:
+    """Pre-emption signals and the ``train.max_hours`` deadline, turned into a stop after the current step.
+
+    The signal handler only records the signal; ``agreed()``, called by every process after each step, returns
+    the reason any of them has to stop ("SIGTERM", "train.max_hours=...") or None, so all ranks stop together.
+    """
+
+    def __init__(self, max_hours: float):
+        self.max_hours = max_hours
+        self.deadline = time.monotonic() + max_hours * 3600 if max_hours > 0 else None
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # Python sets handlers there only
+            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum, _frame):
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        local = 2 if self.signal_name else 1 if self.deadline and time.monotonic() >= self.deadline else 0
+        reason = agree_max(local)
+        if reason == 2:
+            return self.signal_name or "a pre-emption signal to another process"
+        return f"train.max_hours={self.max_hours:g}" if reason == 1 else None
+
+
+def _ignore_stop_signals(worker_id: int, then=None) -> None:
+    """DataLoader worker init: a scheduler signals every process of a job; workers leave stopping to the trainer."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -71,6 +123,35 @@ def resume_point(run_dir: Path, resume) -> Path | None:
     return resume
 
 
+def load_resume_checkpoint(path) -> dict:
+    """``load_checkpoint``, naming the newest intact earlier checkpoint when ``path`` is damaged."""
+    try:
+        return ckpt.load_checkpoint(path)
+    except InputError as err:
+        intact = ckpt.newest_intact_before(path)
+        if intact is None:
+            raise
+        raise InputError(path, err.cause, f"the newest intact earlier checkpoint is {intact}: move {Path(path).name} "
+                         f"away (e.g. rename it to {Path(path).name}.damaged) and rerun with --resume") from None
+
+
+def save_checkpoint(training, provenance: dict, done: int, run_dir: Path, config, is_main: bool) -> Path | None:
+    """Gather the full training state (a collective), rank 0 writes it; all ranks raise if that write failed."""
+    state = ckpt.gather_training_state(training.student, training.teacher, training.optimizer,
+                                       training.objective, done)
+    state["provenance"] = {**provenance, "steps": done}
+    path, failure = None, None
+    if is_main:
+        try:
+            path = ckpt.write_checkpoint(run_dir, state, config.train.keep_last)
+            atomic_write_json(run_dir / "provenance.json", state["provenance"])
+        except Exception as err:   # full disk, NaN weights: the other ranks must not wait for rank 0 forever
+            failure = err
+    if agree_max(int(failure is not None)):
+        raise failure or RuntimeError("rank 0 could not write the checkpoint (its error line says why)")
+    return path
+
+
 def knn_embedder(training):
     """``images [B, 1, S, S] → CLS [B, D]`` through the top-level (possibly FSDP-wrapped) network."""
     def embed(images):
@@ -88,8 +169,14 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     """Pretrain on the slice store at ``data_dir``; checkpoints, metrics and config go to ``run_dir``.
 
     ``resume``: None (fresh run), ``"latest"`` (latest checkpoint in ``run_dir``, fresh if none) or a checkpoint
-    path. Returns a summary dict (also written to ``run_dir/summary.json`` by rank 0).
+    path. Returns a summary dict (also written to ``run_dir/summary.json`` by rank 0); its ``stopped`` is None
+    after the last step, else why the run stopped early with a checkpoint (signal, ``train.max_hours``).
     """
+    with StopRequests(float(config.train.max_hours)) as stop_requests:
+        return _train(config, data_dir, run_dir, resume, stop_requests)
+
+
+def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> dict:
     dist_info = init_distributed()
     device, run_dir = dist_info.device, Path(run_dir)
     store = SliceStore(data_dir)
@@ -97,7 +184,7 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     checkpoint_path = resume_point(run_dir, resume)
     start_step = 0
     if checkpoint_path is not None:
-        start_step = ckpt.restore_training_state(ckpt.load_checkpoint(checkpoint_path), training.student,
+        start_step = ckpt.restore_training_state(load_resume_checkpoint(checkpoint_path), training.student,
                                                  training.teacher, training.optimizer, training.objective)
     provenance = ckpt.training_provenance(config, store, OmegaConf.to_yaml(config, resolve=True))
     if dist_info.is_main:
@@ -117,11 +204,13 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
     progress = tqdm(total=iters, initial=start_step, disable=not (dist_info.is_main and config.train.progress),
                     desc="pretrain", unit="step", dynamic_ncols=True)
     first_losses, last_losses, skipped_in_a_row, last_monitors, steps_timed = None, None, 0, {}, 0
+    done, stopped, checkpoint_path = start_step, None, None
+    loader = step_loader(store, config, dist_info.rank, dist_info.world_size, start_step)
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, then=loader.worker_init_fn)
     if knn is not None and start_step == 0:   # the baseline every later kNN value is read against
         log.log(0, {"monitor/knn_accuracy_init": knn.accuracy(embed, device, config.crops.global_size)})
     started = step_clock = time.perf_counter()
-    for step, batch in zip(range(start_step, iters), step_loader(store, config, dist_info.rank,
-                                                                  dist_info.world_size, start_step)):
+    for step, batch in zip(range(start_step, iters), loader):
         result = run_step(step, batch)
         progress.update(1)
         done = step + 1
@@ -152,20 +241,18 @@ def train(config, data_dir, run_dir, resume=None) -> dict:
                 progress.set_postfix(loss=f"{result.losses['total']:.3f}",
                                      img_s=f"{img_per_s * dist_info.world_size:.0f}")
                 last_monitors, steps_timed, step_clock = {}, 0, time.perf_counter()
-        if done % config.train.checkpoint_every == 0 or done == iters:
-            state = ckpt.gather_training_state(training.student, training.teacher, training.optimizer,
-                                               training.objective, done)
-            state["provenance"] = {**provenance, "steps": done}
-            if dist_info.is_main:
-                ckpt.write_checkpoint(run_dir, state, config.train.keep_last)
-                atomic_write_json(run_dir / "provenance.json", state["provenance"])
-            barrier()
+        stopped = stop_requests.agreed()
+        if done % config.train.checkpoint_every == 0 or done == iters or stopped:
+            checkpoint_path = save_checkpoint(training, provenance, done, run_dir, config, dist_info.is_main)
+        if stopped:
+            break
     progress.close()
     log.close()
     summary = {"objective": config.objective, "attention": training.attention, "world_size": dist_info.world_size,
                "device": str(device), "precision": "bf16" if training.bf16 else "fp32",
-               "steps_run": max(0, iters - start_step), "first_losses": first_losses, "last_losses": last_losses,
-               "seconds": round(time.perf_counter() - started, 2)}
+               "steps_run": done - start_step, "first_losses": first_losses, "last_losses": last_losses,
+               "seconds": round(time.perf_counter() - started, 2), "stopped": stopped, "next_step": done,
+               "checkpoint": None if checkpoint_path is None else str(checkpoint_path)}
     if dist_info.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
