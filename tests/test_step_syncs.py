@@ -6,6 +6,8 @@ boolean-mask indexing, ``masked_select``, ``unique``, copies to NumPy. On CUDA t
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,20 @@ def test_cuda_training_steps_raise_on_any_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compiled_blocks_train_like_eager_ones():
+    """``train.compile=true`` compiles each transformer block; two steps agree with eager ones to float error."""
+    batch = torch.rand((4, 1, 40, 40), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for compiled in (False, True):
+        config, run_step = _training_step("dino", torch.device("cpu"), f"train.compile={str(compiled).lower()}")
+        assert all((block._compiled_call_impl is not None) == compiled for block in run_step.training.student_module.backbone.vit.blocks)
+        losses = [run_step(step, batch).losses for step in (0, 1)]
+        results[compiled] = losses, run_step.training.student_module.state_dict()
+    for eager_losses, compiled_losses in zip(results[False][0], results[True][0]):
+        assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], value, rtol=0, atol=1e-5)

@@ -55,6 +55,9 @@ def build_networks(config, device: torch.device):
         load_pretrained_backbone(backbone, model.init_from, *normalisation[model.init_from_normalisation])
     backbone.set_grad_checkpointing(model.grad_checkpointing)
     attn = set_attention_backend(backbone, model.attn)
+    if config.train.compile:   # block by block: one graph serves student, teacher, global and local crops
+        for block in backbone.vit.blocks:
+            block.compile()
     if config.objective == "dino":
         student, teacher = build_dino_networks(config, backbone)
         objective = DINOObjective(config)
