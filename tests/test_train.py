@@ -1,7 +1,6 @@
-"""Pretraining engine: real runs on a tiny store, in-process and as real `python`/`torchrun` processes."""
+"""Pretraining engine: real runs on a tiny store, in-process and as real `python` processes (torchrun: test_distributed)."""
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -99,32 +98,6 @@ def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
     a, b = final_state(tmp_path / "reference"), final_state(run_dir)
     assert a["next_step"] == b["next_step"] == 40
     assert_states_identical(a, b)
-
-
-def torchrun(store, run_dir, *overrides):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(command + cli(store, run_dir, *overrides)[1:], capture_output=True, encoding="utf-8",
-                            errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    return final_state(run_dir)
-
-
-def test_two_process_torchrun_ddp_and_fsdp_agree_then_resume_on_one_process(tiny_store, tmp_path):
-    ddp = torchrun(tiny_store, tmp_path / "ddp", "optim.iters=6", "train.checkpoint_every=3")
-    fsdp = torchrun(tiny_store, tmp_path / "fsdp", "optim.iters=6", "train.checkpoint_every=3",
-                    "train.distributed=fsdp", "train.knn_label=diagnosis", "train.knn_every=3")
-    knn = [r["monitor/knn_accuracy"] for r in read_metrics(tmp_path / "fsdp") if "monitor/knn_accuracy" in r]
-    assert len(knn) == 2 and all(0.0 <= value <= 1.0 for value in knn)   # kNN runs through sharded networks
-    assert ddp["next_step"] == fsdp["next_step"] == 6
-    for part in ("student", "teacher"):
-        for name, tensor in ddp[part].items():
-            torch.testing.assert_close(fsdp[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
-    # the full checkpoint rank 0 wrote is what a 1-process run continues from (another world size)
-    resumed = subprocess.run(cli(tiny_store, tmp_path / "fsdp", "optim.iters=9", "train.checkpoint_every=3",
-                                 resume=True), capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 process(es)" in resumed.stdout and final_state(tmp_path / "fsdp")["next_step"] == 9
 
 
 def test_nan_step_is_skipped_and_state_untouched(tiny_store, tmp_path, monkeypatch):
