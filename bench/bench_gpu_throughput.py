@@ -18,6 +18,7 @@ import torch
 
 from braindino.models import PRESETS, xformers_available
 from braindino.train.config import load_config
+from braindino.train.data import StepBatch, ibot_mask_sampler, step_masks
 from braindino.train.distributed import DistInfo
 from braindino.train.step import TrainingStep, build_training
 
@@ -47,13 +48,20 @@ def measure(arch: str, attn: str, batch_size: int, steps: int) -> dict:
     device = torch.device("cuda")
     training = build_training(config, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     run_step = TrainingStep(config, training, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
-    batch = torch.rand(batch_size, 1, 224, 224, device=device, dtype=torch.float16)
+    slices = torch.rand(batch_size, 1, 224, 224, dtype=torch.float16).pin_memory()
+    sampler = ibot_mask_sampler(config)
+
+    def loader_batch(step):   # what a DataLoader worker hands over: pinned slices and masks made off the GPU path
+        masks = step_masks(sampler, 2 * batch_size, int(config.seed), step, 0)
+        return StepBatch(slices, None if masks is None else masks.pin_memory())
+
     for step in range(5):
-        run_step(step + 2000, batch)
+        run_step(step + 2000, loader_batch(step + 2000))
+    batches = [loader_batch(step + 3000) for step in range(steps)]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for step in range(steps):
+    for step, batch in enumerate(batches):
         run_step(step + 3000, batch)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start

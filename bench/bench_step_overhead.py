@@ -17,6 +17,7 @@ import torch
 
 from braindino.cli import main as braindino
 from braindino.train.config import load_config
+from braindino.train.data import ibot_mask_sampler, step_masks
 from braindino.train.metrics_log import read_metrics
 from braindino.train.step import build_networks
 from braindino.train.trainer import train
@@ -30,8 +31,7 @@ def bare_network_seconds(config, steps: int) -> float:
     batch, crops = config.optim.global_batch_size, config.crops
     global_crops = torch.rand(2 * batch, 1, crops.global_size, crops.global_size)
     local_crops = torch.rand(crops.n_local * batch, 1, crops.local_size, crops.local_size)
-    n_patches = (crops.global_size // config.model.patch_size) ** 2
-    masks = torch.rand(2 * batch, n_patches) < 0.15
+    masks = step_masks(ibot_mask_sampler(config), 2 * batch, int(config.seed), 0, 0)
     timings = []
     for _ in range(steps + 3):
         start = time.perf_counter()

@@ -173,7 +173,7 @@ def test_compiled_blocks_train_like_eager_ones():
     batch = torch.rand((4, 1, 40, 40), generator=torch.Generator().manual_seed(0))
     results = {}
     for compiled in (False, True):
-        config, run_step = _training_step("dino", torch.device("cpu"), f"train.compile={str(compiled).lower()}")
+        _, run_step = _training_step("dino", torch.device("cpu"), f"train.compile={str(compiled).lower()}")
         assert all((block._compiled_call_impl is not None) == compiled for block in run_step.training.student_module.backbone.vit.blocks)
         losses = [run_step(step, batch).losses for step in (0, 1)]
         results[compiled] = losses, run_step.training.student_module.state_dict()
