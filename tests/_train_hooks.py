@@ -1,5 +1,5 @@
 """Test hooks around a real training run: record which store slices a process read for training, and make chosen
-calls of the DINO objective return a NaN loss on chosen ranks.
+calls of the DINO objective return a NaN loss (with finite gradients) on chosen ranks.
 
 In-process: ``with hooks(reads_file, nan_calls): train(...)``. Under torchrun, as the script torchrun starts::
 
@@ -31,6 +31,8 @@ def intensity_off_defaults() -> dict:
 
 @contextlib.contextmanager
 def hooks(reads_file=None, nan_calls=(), no_intensity=False):
+    import torch
+
     from braindino.store import SliceStore
     from braindino.train import config as config_module
     from braindino.train.dino import DINOObjective
@@ -55,7 +57,9 @@ def hooks(reads_file=None, nan_calls=(), no_intensity=False):
     def nan_forward(self, *args, **kwargs):
         total, terms, extra = original_forward(self, *args, **kwargs)
         call, calls[0] = calls[0], calls[0] + 1
-        return (total * float("nan") if call in nan_calls else total), terms, extra
+        # a NaN added as a constant: the loss is NaN but its gradients stay finite, so only the loss check (and,
+        # under torchrun, every rank agreeing on it) can stop the update; DDP would spread NaN gradients by itself
+        return (total + torch.tensor(float("nan")) if call in nan_calls else total), terms, extra
 
     SliceStore.__getitem__, DINOObjective.forward, OnlineKNN.accuracy = recording_getitem, nan_forward, knn_accuracy
     if no_intensity:

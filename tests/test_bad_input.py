@@ -9,7 +9,12 @@ import pytest
 import SimpleITK as sitk
 
 from braindino.errors import InputError
-from braindino.ingest import PreprocessConfig, content_hash, load_volume, preprocess_volume
+from braindino.ingest import (
+    PreprocessConfig,
+    content_hash,
+    load_volume,
+    preprocess_volume,
+)
 from braindino.manifest import read_manifest
 
 PIXDIM_OFFSET = 76          # NIfTI-1 header byte offsets (float32 pixdim[8], int16 codes, float32 srow_x/y/z)
@@ -270,3 +275,130 @@ def test_manifest_bad_cells(tmp_path, rows, words):
 def test_manifest_bad_volume_index(tmp_path, value):
     path = write_manifest(tmp_path, f"path,subject,volume_index\na.nii,s1,0\nb.nii,s2,{value}\n")
     expect_input_error(lambda: read_manifest(path), path, "volume_index", "row 3")
+
+
+# ------------------------------------------------------------------------- every kind through `braindino prepare`
+
+
+def bad_files(folder):
+    """Every kind of bad file above, made in ``folder``: ``[(path, volume_index or "", words its cause holds)]``."""
+    import shutil
+
+    def copy(name, source):
+        shutil.copy(source, folder / name)
+        return folder / name
+
+    made = folder / "made"
+    made.mkdir()
+    nii = nifti(made / "plain.nii", small_volume())
+    gz = nifti(made / "plain.nii.gz", small_volume())
+    four_d = nifti(folder / "dwi.nii.gz", np.ones((4, 5, 6, 3), dtype=np.float32))
+    kinds = [(folder / "absent.nii.gz", "", ["not found"])]
+    png = folder / "scan.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    kinds.append((png, "", ["unsupported"]))
+    path = copy("truncated.nii.gz", gz)
+    path.write_bytes(path.read_bytes()[:-40])
+    kinds.append((path, "", ["truncated"]))
+    path = folder / "plain_named.nii.gz"
+    path.write_bytes(nii.read_bytes())
+    kinds.append((path, "", ["not a valid gzip"]))
+    path = copy("damaged.nii.gz", gz)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    kinds.append((path, "", ["gzip"]))
+    path = folder / "compressed.nii"
+    path.write_bytes(gzip.compress(nib.Nifti1Image(small_volume(), np.eye(4)).to_bytes()))
+    kinds.append((path, "", ["gzip-compressed"]))
+    for damage in ("magic", "size", "short"):
+        path = copy(f"header_{damage}.nii", nii)
+        if damage == "magic":
+            patch(path, 344, "4s", b"zzz\0")
+        elif damage == "size":
+            patch(path, 0, "<i", 1234)
+        else:
+            path.write_bytes(path.read_bytes()[:200])
+        kinds.append((path, "", ["header"]))
+    path = copy("short_data.nii", nii)
+    path.write_bytes(path.read_bytes()[:-100])
+    kinds.append((path, "", ["truncated"]))
+    path = folder / "garbage.mha"
+    path.write_bytes(b"this is not a MetaImage header\n" + bytes(100))
+    kinds.append((path, "", ["header"]))
+    path = folder / "truncated.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(small_volume()), str(path))
+    path.write_bytes(path.read_bytes()[:-200])
+    kinds.append((path, "", ["truncated"]))
+    data = small_volume()
+    data[1, 2, 3] = data[2, 2, 2] = np.nan
+    kinds.append((nifti(folder / "nan.nii.gz", data), "", ["2 voxels", "nan"]))
+    data = small_volume()
+    data[0, 0, 0] = np.inf
+    path = folder / "inf.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(path))
+    kinds.append((path, "", ["1 voxels", "infinite"]))
+    path = copy("pixdim.nii", nii)
+    patch(path, PIXDIM_OFFSET + 4 * 2, "<f", 0.0)
+    kinds.append((path, "", ["spacing", "axis 1"]))
+    kinds.append((handwritten_mha(folder / "spacing.mha", "1 1 -2"), "", ["spacing"]))
+    path = copy("singular.nii", nii)
+    patch(path, QFORM_CODE_OFFSET, "<hh", 0, 2)
+    patch(path, SROW_X_OFFSET, "<12f", 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0)
+    kinds.append((path, "", ["singular"]))
+    kinds.append((nifti(folder / "flat.nii.gz", np.ones((6, 7, 1), dtype=np.float32)), "", ["2D"]))
+    path = folder / "flat.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((6, 7), dtype=np.float32)), str(path))
+    kinds.append((path, "", ["2D"]))
+    kinds.append((four_d, "", ["4D", "3 volumes", "no volume_index"]))
+    kinds.append((four_d, "3", ["out of range"]))
+    kinds.append((gz, "2", ["3D"]))
+    kinds.append((nifti(folder / "zeros.nii.gz", np.zeros((6, 7, 8), dtype=np.int16)), "", ["all voxels are zero"]))
+    kinds.append((nifti(folder / "units.nii.gz", small_volume(), np.diag([30.0, 30.0, 1.0, 1.0])), "",
+                  ["180 x 210 mm", "more than 4 x size 32"]))
+    (folder / "dicom").mkdir()
+    kinds.append((folder / "dicom", "", ["empty"]))
+    (folder / "notes").mkdir()
+    (folder / "notes" / "readme.txt").write_text("no images here", encoding="utf-8")
+    kinds.append((folder / "notes", "", ["no readable DICOM series"]))
+    return kinds
+
+
+def test_every_bad_file_kind_through_the_prepare_command(tmp_path):
+    """One manifest holding every kind of bad file and one good volume, through the real `braindino prepare`: exit
+    status 1, the good volume stored, errors.csv one row per bad file naming its cause, and on the console nothing
+    but one line per bad file, the progress bar and the summary."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from conftest import head_like_volume
+
+    from braindino.store import SliceStore
+
+    kinds = bad_files(tmp_path)
+    good = nifti(tmp_path / "good.nii.gz", head_like_volume(np.random.default_rng(0)))
+    rows = [{"path": str(path), "subject": f"s{i:02d}", "volume_index": index}
+            for i, (path, index, _) in enumerate(kinds)]
+    rows.insert(len(rows) // 2, {"path": str(good), "subject": "good", "volume_index": ""})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    store = tmp_path / "store"
+    finished = subprocess.run([sys.executable, "-m", "braindino.cli", "prepare", "--manifest",
+                               str(tmp_path / "manifest.csv"), "--out", str(store), "--size", "32", "--workers", "1"],
+                              check=False, capture_output=True, encoding="utf-8", timeout=300)
+    assert finished.returncode == 1, finished.stderr[-2000:]
+    assert SliceStore(store).volumes["path"].tolist() == [str(good)]
+
+    errors = pd.read_csv(store / "errors.csv", dtype=str, keep_default_na=False)
+    assert errors["path"].tolist() == [str(path) for path, _, _ in kinds]
+    for (path, _, words), cause, hint in zip(kinds, errors["cause"], errors["hint"], strict=True):
+        assert all(word.lower() in cause.lower() for word in words), (path.name, words, cause)
+        assert "\n" not in cause and len(hint) > 10 and not cause.startswith("unexpected error"), (path.name, cause)
+
+    lines = [line for line in (finished.stdout + finished.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    progress = [line for line in lines if line.startswith("prepare:") and "vol/s" in line]
+    summary = [line for line in lines if line.startswith("braindino prepare: ")]
+    assert len(summary) == 1 and f"1 volumes stored, 0 unchanged, {len(kinds)} failed" in summary[0]
+    per_file = [line for line in lines if line not in progress and line not in summary]
+    assert per_file == [f"{path}: {cause} — {hint}" for path, cause, hint in
+                        zip(errors["path"], errors["cause"], errors["hint"], strict=True)]
