@@ -190,6 +190,7 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        (run_dir / "summary.json").unlink(missing_ok=True)   # it describes this run's outcome once written
         if start_step == 0:   # a fresh run never appends to the metrics of an earlier, abandoned one
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     barrier()
