@@ -62,3 +62,55 @@ def write_tiny_model(folder, preprocessing: dict | None = None):
     preprocessing = asdict(PreprocessConfig(size=32)) if preprocessing is None else preprocessing
     write_model_folder(folder, timm_config("vit_tiny", 192, 1, 3, 8, 32, 4, 1.0, preprocessing, {}), vit.state_dict())
     return folder
+
+
+def write_local_model(folder, size: int = 32, patch: int = 4):
+    """A braindino model folder whose patch tokens provably carry their own patch's brightness and nothing else:
+    the patch embedding puts the patch's mean intensity on channel 0 and a constant 1 on channel 1 (all else 0), no
+    position embedding, LayerScale 0 on both residual branches of its one block (the block is the identity; its
+    attention is still computed), final norm weight 1 / bias 0. Each patch's output token is LayerNorm([μ, 1, 0..]),
+    rising with the patch's mean intensity μ; a head on the mean patch token is a sum over patches. Returns it."""
+    from dataclasses import asdict
+
+    import torch
+
+    from braindino.encoder.model_folder import timm_config, write_model_folder
+    from braindino.ingest import PreprocessConfig
+    from braindino.models import MaskableViT
+
+    torch.manual_seed(0)
+    vit = MaskableViT("vit_tiny", patch_size=patch, img_size=size, depth=1, layerscale_init=1.0).vit
+    state = vit.state_dict()
+    weight, bias = torch.zeros_like(state["patch_embed.proj.weight"]), torch.zeros_like(state["patch_embed.proj.bias"])
+    weight[0], bias[1] = 1.0 / patch ** 2, 1.0
+    state.update({"patch_embed.proj.weight": weight, "patch_embed.proj.bias": bias,
+                  "pos_embed": torch.zeros_like(state["pos_embed"]), "norm.weight": torch.ones_like(state["norm.weight"]),
+                  "norm.bias": torch.zeros_like(state["norm.bias"])})
+    state.update({key: torch.zeros_like(value) for key, value in state.items() if key.endswith(("ls1.gamma", "ls2.gamma"))})
+    write_model_folder(folder, timm_config("vit_tiny", 192, 1, 3, patch, size, 4, 1.0,
+                                           asdict(PreprocessConfig(size=size)), {}), state)
+    return folder
+
+
+def tumour_volume(rng: np.random.Generator, shape=(32, 32, 16), tumour: bool = True):
+    """``(volume [X, Y, Z] float32, tumour mask bool)``: a FLAIR-like skull-stripped head (fixed ellipsoid, fine
+    texture 200-400 uniform by rank, 1 % sparse bright voxels at 500) with, when ``tumour``, a bright (500)
+    ellipsoidal tumour (radii 4.5, 4.5, 3 voxels) in one hemisphere. Healthy and tumour heads get the same intensity
+    window from the preprocessing's percentiles (the sparse bright voxels set the 99.5th in both), so only the tumour
+    tells them apart — not a brain darkened by a bright tumour taking the top percentile."""
+    from scipy.stats import rankdata
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = ((grid / 0.85) ** 2).sum(0) < 1
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
+    volume = np.zeros(shape)
+    volume[inside] = 200 + 200 * rankdata(texture[inside]) / inside.sum()
+    volume[inside & (rng.uniform(size=shape) < 0.01)] = 500
+    mask = np.zeros(shape, dtype=bool)
+    if tumour:
+        centre = np.array([rng.choice([-1, 1]) * rng.uniform(0.35, 0.45), rng.uniform(-0.3, 0.3),
+                           rng.uniform(-0.2, 0.2)])
+        radii = np.array([4.5, 4.5, 3.0]) * 2 / (np.array(shape) - 1)
+        mask = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
+        volume[mask] = 500
+    return volume.astype(np.float32), mask

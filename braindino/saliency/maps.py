@@ -6,8 +6,13 @@ the ``[h, w]`` grid); register tokens are never part of a map.
   to sum 1 over the patches (the share of the CLS token's patch attention; CLS and registers left out).
 - Rollout (Abnar & Zuidema 2020): per block ``0.5 A + 0.5 I`` (A averaged over heads, rows renormalised),
   multiplied from the first block to the last; the CLS row over the patches, renormalised ``[S, N]``.
-- Head-aware map ``[S, N]``: ``ReLU(sum_d (t_nd - m_d) * dy/dt_nd)`` with ``t`` the patch tokens entering
-  the last block, ``m`` their mean over the slice's foreground patches (weighted by each patch's foreground share) and ``y`` the probe head's output, reached through each slice's CLS ‖ mean-patch feature. The
+- Head-aware map ``[S, N]``: ``ReLU(sum_d (t_nd - m_d) * mean_α dy/dt_nd)``, the gradient taken at the tokens
+  ``m + α (t - m)`` (integrated gradients from the reference ``m``, ``GRADIENT_STEPS`` midpoints ``α``), with ``t``
+  the patch tokens entering the last block, ``m`` their mean over the slice's foreground patches (weighted by each
+  patch's foreground share) and ``y`` the probe head's output, reached through each slice's CLS ‖ mean-patch
+  feature. A gradient taken at ``t`` alone (one step at α = 1) vanishes where the final LayerNorm saturates, i.e.
+  on the most extreme tokens — a bright tumour's; the path average keeps their contribution, and the signed
+  attributions of a slice add up to ``G · (F(t) - F(m))`` (:func:`gradient_attributions`). The
   head supplies ``G`` ``[S, 2D]``, the gradient of ``y`` with respect to each slice's feature row (for
   attention-MIL: each slice's own output times its attention weight, see :mod:`.head_gradient`); the chain rule is
   finished here one batch of slices at a time.
@@ -75,23 +80,16 @@ def attention_rollout(attentions: list[torch.Tensor], prefix: int) -> torch.Tens
 
 
 class _Recorder:
-    """Hooks on a ViT: every block's attention probabilities; optionally the last block's input made a leaf that
-    requires grad (``last_input``)."""
+    """Hooks on a ViT: every block's attention probabilities."""
 
-    def __init__(self, vit, track_gradient: bool):
-        self.attentions, self.last_input, self.handles = [], None, []
+    def __init__(self, vit):
+        self.attentions, self.handles = [], []
         for block in vit.blocks:
             self.handles.append(block.attn.register_forward_pre_hook(self._record_attention))
-        if track_gradient:
-            self.handles.append(vit.blocks[-1].register_forward_pre_hook(self._leaf))
 
     def _record_attention(self, module, args):
         with torch.no_grad():
             self.attentions.append(attention_probabilities(module, args[0]))
-
-    def _leaf(self, module, args):
-        self.last_input = args[0].detach().requires_grad_(True)
-        return (self.last_input, *args[1:])
 
     def close(self):
         for handle in self.handles:
@@ -113,7 +111,7 @@ def attention_maps(encoder, slices: np.ndarray, batch_size: int = 32) -> SliceMa
     prefix = vit.num_prefix_tokens
     heads, rolled, features = [], [], []
     for start in range(0, len(slices), batch_size):
-        recorder = _Recorder(vit, track_gradient=False)
+        recorder = _Recorder(vit)
         try:
             with torch.no_grad():
                 out = encoder.backbone(_inputs(encoder, slices[start:start + batch_size]))
@@ -133,28 +131,68 @@ def patch_foreground(encoder, slices: np.ndarray) -> np.ndarray:
     return F.avg_pool2d(foreground, encoder.patch_size).flatten(1).cpu().numpy()
 
 
-def gradient_map(encoder, slices: np.ndarray, feature_gradients: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Head-aware map ``[S, N]`` of ``slices`` ``[S, size, size]`` given ``feature_gradients`` ``G`` ``[S, 2D]``
-    (dy/d(slice features)): per batch, backpropagate ``sum(G * features)`` to the last block's input tokens."""
+GRADIENT_STEPS = 8       # midpoint steps of the path integral from the reference tokens to the slice's own
+
+
+def _last_block_input(encoder, vit, x: torch.Tensor) -> torch.Tensor:
+    """The tokens ``[b, T, C]`` entering the last block for input ``x`` (one no-grad forward pass)."""
+    captured = []
+    handle = vit.blocks[-1].register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            encoder.backbone(x)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _features_from_last_block(vit, tokens: torch.Tensor) -> torch.Tensor:
+    """The slice features ``[b, 2D]`` (CLS ‖ mean patch, as ``ViTBackbone``) from the last block's input tokens:
+    the rest of ``forward_features`` (last block, final norm)."""
+    out = vit.norm(vit.blocks[-1](tokens))
+    patch = out[:, vit.num_prefix_tokens:]
+    mean_patch = patch.mean(dim=1)
+    cls = out[:, 0] if vit.cls_token is not None else mean_patch
+    return torch.cat([cls, mean_patch], dim=1).float()
+
+
+def gradient_attributions(encoder, slices: np.ndarray, feature_gradients: np.ndarray, batch_size: int = 32,
+                          steps: int = GRADIENT_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Signed per-patch attributions ``[S, N]`` of ``y ≈ sum_s G_s · F_s`` (``G`` ``[S, 2D]`` = dy/d(slice
+    features)) and, per slice, ``G_s · (F_s(t) - F_s(reference))`` ``[S]`` — what they add up to (up to the
+    midpoint rule's error). Attribution of patch ``n``: ``(t_n - m) · mean_α d(G·F)/dt_n`` at the tokens
+    ``m + α (t - m)`` (``steps`` midpoints ``α``; every patch token moves from ``m`` to its own value together,
+    prefix tokens stay), ``t`` the patch tokens entering the last block, ``m`` their mean over the slice's
+    foreground patches (weighted by each patch's foreground share)."""
     foreground = torch.from_numpy(patch_foreground(encoder, slices))
     vit = vit_of(encoder)
     prefix = vit.num_prefix_tokens
-    maps = []
+    maps, totals = [], []
     for start in range(0, len(slices), batch_size):
-        recorder = _Recorder(vit, track_gradient=True)
-        try:
+        tokens = _last_block_input(encoder, vit, _inputs(encoder, slices[start:start + batch_size]))
+        patches = tokens[:, prefix:].float()
+        share = foreground[start:start + batch_size, :, None].to(patches.device)
+        reference = (patches * share).sum(dim=1, keepdim=True) / share.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        delta = patches - reference                                                  # [b, N, C]
+        weights = torch.as_tensor(feature_gradients[start:start + batch_size], dtype=torch.float32,
+                                  device=tokens.device)
+        summed = torch.zeros_like(delta)
+        for alpha in (np.arange(steps) + 0.5) / steps:
+            path = torch.cat([tokens[:, :prefix], (reference + float(alpha) * delta).to(tokens.dtype)], dim=1)
+            path.requires_grad_(True)
             with torch.enable_grad():
-                out = encoder.backbone(_inputs(encoder, slices[start:start + batch_size]))
-                features = torch.cat([out["cls"], out["mean_patch"]], dim=1).float()
-                weights = torch.as_tensor(feature_gradients[start:start + batch_size], dtype=torch.float32,
-                                          device=features.device)
-                (gradient,) = torch.autograd.grad((weights * features).sum(), recorder.last_input)
-        finally:
-            recorder.close()
-        tokens = recorder.last_input.detach()[:, prefix:].float()
-        gradient = gradient[:, prefix:].float()
-        share = foreground[start:start + batch_size, :, None].to(tokens.device)
-        reference = (tokens * share).sum(dim=1, keepdim=True) / share.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        centred = tokens - reference
-        maps.append((centred * gradient).sum(dim=-1).clamp_min(0).cpu())
-    return torch.cat(maps).numpy()
+                (gradient,) = torch.autograd.grad((weights * _features_from_last_block(vit, path)).sum(), path)
+            summed += gradient[:, prefix:].float()
+        maps.append((delta * summed / steps).sum(dim=-1).cpu())
+        with torch.no_grad():
+            base = torch.cat([tokens[:, :prefix], reference.expand_as(patches).to(tokens.dtype)], dim=1)
+            difference = _features_from_last_block(vit, tokens) - _features_from_last_block(vit, base)
+            totals.append((weights * difference).sum(dim=1).cpu())
+    return torch.cat(maps).numpy(), torch.cat(totals).numpy()
+
+
+def gradient_map(encoder, slices: np.ndarray, feature_gradients: np.ndarray, batch_size: int = 32,
+                 steps: int = GRADIENT_STEPS) -> np.ndarray:
+    """Head-aware map ``[S, N]`` of ``slices`` ``[S, size, size]`` given ``feature_gradients`` ``G`` ``[S, 2D]``
+    (dy/d(slice features)): the positive part of :func:`gradient_attributions`."""
+    return np.maximum(gradient_attributions(encoder, slices, feature_gradients, batch_size, steps)[0], 0.0)
