@@ -4,11 +4,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    head_like_volume,
+    tumour_volume,
+    write_local_model,
+    write_tiny_model,
+)
 
 from braindino.encoder.volume import ingest_source, volume_geometry
 from braindino.ingest import PreprocessConfig
 from braindino.saliency.volume_maps import patch_maps_to_native
-from conftest import head_like_volume, tumour_volume, write_local_model, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def test_a_single_patch_maps_back_to_exactly_its_own_voxels():
     data = head_like_volume(rng, shape=(40, 44, 12))
     affine = np.array([[0, -2.0, 0, 40], [-2.0, 0, 0, 50], [0, 0, 3.0, -10], [0, 0, 0, 1]])   # permuted + flipped
     native_data = np.ascontiguousarray(data)
-    volume, prepared, geometry = _volume_and_geometry(native_data, affine, spacing_mm=2.0)
+    _volume, prepared, geometry = _volume_and_geometry(native_data, affine, spacing_mm=2.0)
     patch, grid = 4, geometry["grid"]
     k, row, col = 2, 5, 7                                      # slice k, patch (row, col) of the 12 x 12 grid
     maps = np.zeros((len(prepared.z_indices), grid[0] * grid[1]), dtype=np.float32)

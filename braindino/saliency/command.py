@@ -182,13 +182,12 @@ def saliency(model, out, images=None, manifest=None, task=None, target=None, tim
 def map_volume(encoder, volume: dict, folder: Path, fitted, pooling, task, classes, class_name, montage: bool,
                batch_size: int) -> tuple[dict, list[Path]]:
     """Every map of one volume → (its saliency.csv record, paths written)."""
-    from heads import SlicePooling
-
     from braindino.encoder.volume import ingest_source, volume_geometry
     from braindino.saliency.head_gradient import feature_gradients
     from braindino.saliency.maps import attention_maps, gradient_map
     from braindino.saliency.montage import saliency_montage
     from braindino.saliency.volume_maps import patch_maps_to_native, write_nifti
+    from heads import SlicePooling
 
     loaded, prepared = ingest_source(volume["path"], volume["volume_index"], encoder.preprocessing)
     geometry = volume_geometry(loaded, prepared, encoder.input_size, encoder.grid)
