@@ -76,8 +76,10 @@ def test_short_run_lowers_loss_without_collapse(tiny_store, tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == config.train.keep_last
 
 
-def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
-    overrides = ["optim.iters=40", "train.checkpoint_every=10", "train.num_workers=1"]
+@pytest.mark.parametrize("teacher_target", ["sinkhorn", "centering"])   # centering: the teacher centres resume too
+def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path, teacher_target):
+    overrides = ["optim.iters=40", "train.checkpoint_every=10", "train.num_workers=1",
+                 f"dino.teacher_target={teacher_target}"]
     reference = subprocess.run(cli(tiny_store, tmp_path / "reference", *overrides), capture_output=True, encoding="utf-8", errors="replace")
     assert reference.returncode == 0, reference.stderr[-2000:]
 
@@ -98,25 +100,6 @@ def test_resume_after_kill_9_is_bit_identical(tiny_store, tmp_path):
     a, b = final_state(tmp_path / "reference"), final_state(run_dir)
     assert a["next_step"] == b["next_step"] == 40
     assert_states_identical(a, b)
-
-
-def test_nan_step_is_skipped_and_state_untouched(tiny_store, tmp_path, monkeypatch):
-    original = DINOObjective.forward
-    calls = {"n": 0}
-
-    def nan_on_third_call(self, *args, **kwargs):
-        total, terms, extra = original(self, *args, **kwargs)
-        calls["n"] += 1
-        return (total * float("nan") if calls["n"] == 3 else total), terms, extra
-
-    monkeypatch.setattr(DINOObjective, "forward", nan_on_third_call)
-    train(tiny_config("optim.iters=6", "dino.teacher_target=centering"), tiny_store, tmp_path / "run")
-    records = {r["step"]: r for r in read_metrics(tmp_path / "run")}
-    assert records[2].get("skipped_nonfinite") == 1
-    assert "skipped_nonfinite" not in records[3] and math.isfinite(records[5]["loss/total"])
-    state = final_state(tmp_path / "run")
-    assert all(torch.isfinite(t).all() for t in state["student"].values() if t.is_floating_point())
-    assert torch.isfinite(state["objective"]["dino_centering.center"]).all()
 
 
 def test_three_nan_steps_in_a_row_abort_without_nan_checkpoint(tiny_store, tmp_path, monkeypatch):

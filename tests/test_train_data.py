@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from braindino.train.data import global_batch_indices
 
@@ -24,11 +25,33 @@ def test_order_depends_on_seed_and_step_only():
     assert not np.array_equal(a, global_batch_indices(6, 16, 1000, seed=1))
 
 
-def test_process_shares_partition_the_global_batch():
-    """World size 4: the four contiguous parts are exactly the world-size-1 batch (global batch is world-invariant)."""
-    indices = global_batch_indices(7, 16, 100, seed=0)
-    parts = [indices[r * 4:(r + 1) * 4] for r in range(4)]
-    assert np.array_equal(np.concatenate(parts), indices)
+class NumberedSlices:
+    """A stand-in store whose slice ``i`` is filled with the number ``i``, so a batch says which slices it holds."""
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return np.full((2, 2), i, dtype=np.float16)
+
+
+def read_by(rank: int, world_size: int, step: int) -> list[int]:
+    from braindino.train.data import StepBatches
+
+    batch = StepBatches(NumberedSlices(), 16, rank, world_size, seed=0)[step]
+    slices = batch.slices if hasattr(batch, "slices") else batch
+    return slices[:, 0, 0, 0].int().tolist()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_process_shares_partition_the_global_batch(world_size):
+    """Each process reads its own contiguous part of the step's global batch; the parts, in rank order, are exactly
+    what one process reads (so the data order is the same at any world size)."""
+    for step in (0, 7):
+        alone = read_by(0, 1, step)
+        parts = [read_by(rank, world_size, step) for rank in range(world_size)]
+        assert len(set(alone)) == 16 and all(len(part) == 16 // world_size for part in parts)
+        assert [i for part in parts for i in part] == alone
 
 
 def test_online_knn_splits_subjects_when_the_manifest_has_no_split(tmp_path):
