@@ -1,16 +1,21 @@
-"""Embed a manifest's volumes with a frozen encoder into a features folder (format: :mod:`.features`).
+"""Embed a manifest's volumes with one or more frozen encoders, each into its own features folder (format:
+:mod:`.features`).
 
-DataLoader worker processes hash, read and preprocess volumes (the ingest code of ``braindino prepare``); a bad
-volume comes back as an error value, never an exception. The main process gathers the slices of consecutive
-volumes into batches of ``batch_size`` (a batch may span volumes), runs the encoder, and writes each volume's
-features as soon as its last slice is embedded. A volume whose cache key (model fingerprint, preprocessing, file
-content, volume_index, patch flag) already has a feature file is not read again, unless that file predates the
-``hemispheres`` tensor (then it is embedded again and overwritten). A features folder belongs to one model
-(model.json): extracting another model's features into it is refused.
+DataLoader worker processes hash each volume once, then read and preprocess it once per distinct preprocessing
+among the encoders (the ingest code of ``braindino prepare``; encoders whose preprocessing is equal share one
+read); a bad volume comes back as an error value, never an exception. The main process hands each encoder's
+slices to that encoder's own batcher, which gathers the slices of consecutive volumes into batches of
+``batch_size`` (a batch may span volumes), runs the encoder, and writes the volume's features as soon as its last
+slice is embedded. Each encoder sees exactly the volumes and batches a run of its own would, so its features are
+the same bit for bit. A volume whose cache key (model fingerprint, preprocessing, file content, volume_index,
+patch flag) already has a feature file in an encoder's folder is neither read nor embedded for that encoder,
+unless that file predates the ``hemispheres`` tensor (then it is embedded again and overwritten). A features
+folder belongs to one model (model.json): extracting another model's features into it is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -54,44 +59,79 @@ class ExtractReport:
                 f"{self.cached} cached){failed} in {self.seconds:.1f}s")
 
 
-class _VolumeReader(torch.utils.data.Dataset):
-    """Item ``i`` → dict(position, status "cached" | "read" | "failed", key, content_hash, slices [S, size, size]
-    float16, z [S], geometry, cause, hint). Runs in DataLoader workers."""
+def _failure(err: Exception) -> dict:
+    """A failed read as an item: status "failed", cause and hint (an exception ingest does not recognise too)."""
+    if isinstance(err, InputError):
+        return {"status": "failed", "cause": err.cause, "hint": err.hint}
+    lines = str(err).strip().splitlines()
+    cause = f"unexpected error {type(err).__name__}" + (f": {lines[0]}" if lines else "")
+    return {"status": "failed", "cause": cause, "hint": UNEXPECTED_HINT}
 
-    def __init__(self, rows: list[dict], root: Path, model: dict, patch_tokens: bool, slice_stride: int):
-        self.rows, self.root, self.model, self.patch_tokens = rows, root, model, patch_tokens
-        self.slice_stride = slice_stride
+
+class _VolumeReader(torch.utils.data.Dataset):
+    """Item ``i`` → dict(position, members: {target number: result}) for every target (encoder) of the run.
+
+    A result is dict(status "cached" | "read" | "failed", key, content_hash, n_slices (cached), slices
+    [S, size, size] float16 and z [S] (read; one array shared by the targets of a group), geometry (read), cause and
+    hint (failed)). ``groups``: [(preprocessing dict, [(target number, features root, model.json dict)])], one
+    group per distinct preprocessing: a group's volume is read only when one of its targets has no cached file.
+    Runs in DataLoader workers.
+    """
+
+    def __init__(self, rows: list[dict], groups: list[tuple[dict, list]], patch_tokens: bool, slice_stride: int):
+        self.rows, self.groups, self.patch_tokens, self.slice_stride = rows, groups, patch_tokens, slice_stride
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict:
-        from braindino.encoder.load import preprocessing_from_dict
-        from braindino.encoder.volume import ingest_source, volume_geometry
         from braindino.ingest import content_hash
 
         row = self.rows[position]
         index = None if pd.isna(row.get("volume_index")) else int(row["volume_index"])
         try:
             digest = content_hash(row["path"])
-            key = feature_key(self.model["fingerprint"], self.model["preprocessing"], digest, index,
-                              self.patch_tokens, self.slice_stride)
-            cached = self.root / volume_file(key)
-            n_slices = feature_slice_count(cached) if cached.is_file() else None
+        except Exception as err:
+            failed = _failure(err)
+            return {"position": position, "members": {number: dict(failed) for _, targets in self.groups
+                                                      for number, _, _ in targets}}
+        members = {}
+        for preprocessing, targets in self.groups:
+            members.update(self._read_group(row["path"], index, digest, preprocessing, targets))
+        return {"position": position, "members": members}
+
+    def _read_group(self, path, index, digest: str, preprocessing: dict, targets: list) -> dict:
+        """{target number: result} for the targets of one preprocessing: cache checks, then one read if needed."""
+        from braindino.encoder.load import preprocessing_from_dict
+        from braindino.encoder.volume import ingest_source, volume_geometry
+
+        results, missing = {}, []
+        for number, root, model in targets:
+            try:
+                key = feature_key(model["fingerprint"], preprocessing, digest, index, self.patch_tokens,
+                                  self.slice_stride)
+                cached = root / volume_file(key)
+                n_slices = feature_slice_count(cached) if cached.is_file() else None
+            except Exception as err:
+                results[number] = _failure(err)
+                continue
             if n_slices is not None:
-                return {"position": position, "status": "cached", "key": key, "content_hash": digest,
-                        "n_slices": n_slices}
-            volume, prepared = ingest_source(row["path"], index, preprocessing_from_dict(self.model["preprocessing"]))
-        except InputError as err:
-            return {"position": position, "status": "failed", "cause": err.cause, "hint": err.hint}
-        except Exception as err:   # a reader failing in a way ingest does not recognise
-            lines = str(err).strip().splitlines()
-            cause = f"unexpected error {type(err).__name__}" + (f": {lines[0]}" if lines else "")
-            return {"position": position, "status": "failed", "cause": cause, "hint": UNEXPECTED_HINT}
-        geometry = volume_geometry(volume, prepared, self.model["input_size"], self.model["grid"])
+                results[number] = {"status": "cached", "key": key, "content_hash": digest, "n_slices": n_slices}
+            else:
+                missing.append((number, model, key))
+        if not missing:
+            return results
+        try:
+            volume, prepared = ingest_source(path, index, preprocessing_from_dict(preprocessing))
+        except Exception as err:
+            failed = _failure(err)
+            return {**results, **{number: dict(failed) for number, _, _ in missing}}
         step = self.slice_stride
-        return {"position": position, "status": "read", "key": key, "content_hash": digest,
-                "slices": prepared.slices[::step], "z": prepared.z_indices[::step], "geometry": geometry}
+        slices, z = prepared.slices[::step], prepared.z_indices[::step]
+        for number, model, key in missing:
+            results[number] = {"status": "read", "key": key, "content_hash": digest, "slices": slices, "z": z,
+                               "geometry": volume_geometry(volume, prepared, model["input_size"], model["grid"])}
+        return results
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -144,15 +184,24 @@ class _SliceBatcher:
         return finished
 
 
-def _prepare_folder(root: Path, model: dict) -> None:
-    existing = read_model_json(root)
-    if existing is not None and existing["fingerprint"] != model["fingerprint"]:
-        raise InputError(root, f"holds features of another model ({existing['name']}, fingerprint "
-                         f"{existing['fingerprint']}); this model is {model['name']} ({model['fingerprint']})",
-                         "choose another --out folder (one features folder per model), or delete this one")
+def _prepare_folders(targets: list) -> None:
+    """Refuse a folder given twice or holding another model's features (before anything is written), then write
+    each folder's model.json. ``targets``: [(root, model.json dict)]."""
     from braindino.atomic import atomic_write_json
 
-    atomic_write_json(root / MODEL_JSON, model)
+    seen = set()
+    for root, model in targets:
+        if root.resolve() in seen:
+            raise InputError(root, "is the features folder of two encoders of this run",
+                             "give each encoder its own folder")
+        seen.add(root.resolve())
+        existing = read_model_json(root)
+        if existing is not None and existing["fingerprint"] != model["fingerprint"]:
+            raise InputError(root, f"holds features of another model ({existing['name']}, fingerprint "
+                             f"{existing['fingerprint']}); this model is {model['name']} ({model['fingerprint']})",
+                             "choose another --out folder (one features folder per model), or delete this one")
+    for root, model in targets:
+        atomic_write_json(root / MODEL_JSON, model)
 
 
 def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 2, patch_tokens: bool = False,
@@ -163,54 +212,97 @@ def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 
     redundant for volume-level endpoints); ``z`` records which slices they are.
 
     Manifest-level problems and a folder of another model raise InputError; bad volumes are reported on stderr
-    (one line each) and in ``errors.csv``. Returns the opened features folder and the run's report.
+    (one line each) and in ``errors.csv``. Returns the opened features folder and the run's report. One encoder's
+    case of :func:`extract_cohorts`.
+    """
+    return extract_cohorts([(encoder, out)], manifest, batch_size, workers, patch_tokens, progress, slice_stride)[0]
+
+
+@dataclass
+class _Target:
+    """One encoder's side of a run: its folder, model.json, batcher, report and index entries
+    ({manifest position: (key, content_hash, n_slices)})."""
+
+    encoder: object
+    root: Path
+    model: dict
+    batcher: _SliceBatcher
+    report: ExtractReport = field(default_factory=ExtractReport)
+    entries: dict = field(default_factory=dict)
+
+
+def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: int = 2, patch_tokens: bool = False,
+                    progress: bool = True, slice_stride: int = 1) -> list[tuple[Features, ExtractReport]]:
+    """Embed the volumes of ``manifest`` with several encoders: ``jobs`` = [(encoder, features folder)], one
+    folder per encoder. Each volume is hashed once and read and preprocessed once per distinct preprocessing; each
+    folder ends up as :func:`extract_cohort` of its encoder alone would write it (the same files, bit for bit).
+
+    Manifest-level problems, a folder given twice and a folder of another model raise InputError before anything
+    is written; a bad volume is one line on stderr (once, whichever encoders it failed for) and a row of each
+    affected folder's ``errors.csv``. Returns [(opened features folder, that encoder's report)] in ``jobs`` order;
+    every report's ``seconds`` is the whole run's.
     """
     from braindino.extract.features import open_features
     from braindino.manifest import read_manifest
 
     started = time.perf_counter()
-    table = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    root, model = Path(out), encoder.model_info()
-    _prepare_folder(root, model)
-    rows = table.to_dict("records")
     if slice_stride < 1:
         raise ValueError(f"slice_stride must be at least 1, got {slice_stride}")
-    reader = _VolumeReader(rows, root, model, patch_tokens, slice_stride)
+    table = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    targets = [_Target(encoder, Path(out), encoder.model_info(), _SliceBatcher(encoder, max(1, batch_size),
+                                                                               patch_tokens))
+               for encoder, out in jobs]
+    _prepare_folders([(t.root, t.model) for t in targets])
+    groups: dict[str, tuple[dict, list]] = {}
+    for number, target in enumerate(targets):
+        preprocessing = target.model["preprocessing"]
+        group = groups.setdefault(json.dumps(preprocessing, sort_keys=True), (preprocessing, []))
+        group[1].append((number, target.root, target.model))
+    rows = table.to_dict("records")
+    reader = _VolumeReader(rows, list(groups.values()), patch_tokens, slice_stride)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=max(0, workers), collate_fn=_as_is,
                                          worker_init_fn=_worker_init if workers > 0 else None)
-    batcher, report, entries = _SliceBatcher(encoder, max(1, batch_size), patch_tokens), ExtractReport(), {}
-    bar = tqdm(total=len(rows), desc="extract", unit="vol", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(rows) * len(targets), desc="extract" if len(targets) == 1 else
+               f"extract ({len(targets)} encoders)", unit="vol", disable=not progress, file=sys.stderr)
 
-    def store(item: dict) -> None:
+    def store(target: _Target, item: dict) -> None:
         out_ = item["embedded"]
-        write_volume_features(root / volume_file(item["key"]), out_["cls"], out_["mean_patch"], item["z"],
+        write_volume_features(target.root / volume_file(item["key"]), out_["cls"], out_["mean_patch"], item["z"],
                               item["geometry"], out_.get("patch"), out_["hemispheres"])
-        entries[item["position"]] = (item["key"], item["content_hash"], len(item["z"]))
-        report.computed += 1
-        report.slices += len(item["z"])
+        target.entries[item["position"]] = (item["key"], item["content_hash"], len(item["z"]))
+        target.report.computed += 1
+        target.report.slices += len(item["z"])
         bar.update(1)
 
     for item in loader:
-        if item["status"] == "failed":
-            row = rows[item["position"]]
-            report.errors.append({"path": row["path"], "subject": row["subject"], "sequence": row.get("sequence", ""),
-                                  "cause": item["cause"], "hint": item["hint"]})
-            bar.write(f"error: {row['path']}: {item['cause']} — {item['hint']}", file=sys.stderr)
-            bar.update(1)
-        elif item["status"] == "cached":
-            entries[item["position"]] = (item["key"], item["content_hash"], item["n_slices"])
-            report.cached += 1
-            bar.update(1)
-        else:
-            for finished in batcher.add(item):
-                store(finished)
-    for finished in batcher.finish():
-        store(finished)
+        row, printed = rows[item["position"]], set()
+        for number, result in sorted(item["members"].items()):
+            target = targets[number]
+            if result["status"] == "failed":
+                target.report.errors.append({"path": row["path"], "subject": row["subject"],
+                                             "sequence": row.get("sequence", ""), "cause": result["cause"],
+                                             "hint": result["hint"]})
+                if (result["cause"], result["hint"]) not in printed:
+                    printed.add((result["cause"], result["hint"]))
+                    bar.write(f"error: {row['path']}: {result['cause']} — {result['hint']}", file=sys.stderr)
+                bar.update(1)
+            elif result["status"] == "cached":
+                target.entries[item["position"]] = (result["key"], result["content_hash"], result["n_slices"])
+                target.report.cached += 1
+                bar.update(1)
+            else:
+                for finished in target.batcher.add({"position": item["position"], **result}):
+                    store(target, finished)
+    for target in targets:
+        for finished in target.batcher.finish():
+            store(target, finished)
     bar.close()
-    _write_index(root, table, entries, encoder.fingerprint)
-    write_table(root / ERRORS_CSV, pd.DataFrame(report.errors, columns=ERROR_COLUMNS))
-    report.seconds = time.perf_counter() - started
-    return open_features(root), report
+    seconds = time.perf_counter() - started
+    for target in targets:
+        _write_index(target.root, table, target.entries, target.encoder.fingerprint)
+        write_table(target.root / ERRORS_CSV, pd.DataFrame(target.report.errors, columns=ERROR_COLUMNS))
+        target.report.seconds = seconds
+    return [(open_features(target.root), target.report) for target in targets]
 
 
 def _write_index(root: Path, table: pd.DataFrame, entries: dict, fingerprint: str) -> None:

@@ -232,23 +232,30 @@ def load_encoders(args) -> list[dict]:
 
 def extract_all(args, encoders: list[dict], used, run_dir: Path, patch_tokens: bool) -> int:
     """Features for every encoder (``entry["features"]``, ``entry["rows"]`` manifest row → index position);
-    returns the number of (encoder, volume) pairs that could not be embedded."""
+    returns the number of (encoder, volume) pairs that could not be embedded. The encoders without ``--features``
+    are extracted together (:func:`~braindino.extract.cohort.extract_cohorts`: each volume is read once per
+    distinct preprocessing, not once per encoder) into ``RUN/features/<encoder>/``."""
     from braindino.extract import open_features
+    from braindino.extract.cohort import extract_cohorts
     from braindino.probe.inputs import check_fingerprint, feature_rows
 
-    failed = 0
+    jobs = []
     for entry in encoders:
-        encoder = entry["encoder"]
         if entry["role"] == "model" and args.features:
-            features = open_features(args.features)
-            check_fingerprint(features, encoder, args.features)
+            entry["features"] = open_features(args.features)
+            check_fingerprint(entry["features"], entry["encoder"], args.features)
         else:
             folder = run_dir / "features" / entry["slug"]
             print(f"probe: features of {entry['name']} -> {folder}", file=sys.stderr)
-            features = encoder.embed_cohort(used, cache_dir=folder, batch_size=args.batch_size,
-                                            workers=args.workers, patch_tokens=patch_tokens,
-                                            slice_stride=args.slice_stride)
+            jobs.append((entry, folder))
+    extracted = extract_cohorts([(entry["encoder"], folder) for entry, folder in jobs], used,
+                                batch_size=args.batch_size, workers=args.workers, patch_tokens=patch_tokens,
+                                slice_stride=args.slice_stride) if jobs else []
+    for (entry, _folder), (features, _report) in zip(jobs, extracted):
         entry["features"] = features
+    failed = 0
+    for entry in encoders:
+        encoder, features = entry["encoder"], entry["features"]
         entry["rows"] = feature_rows(features, used)
         failed += len(used) - len(entry["rows"])
         entry["encoder"] = None          # free the encoder's memory; only its description is needed from here
