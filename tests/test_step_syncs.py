@@ -181,3 +181,31 @@ def test_compiled_blocks_train_like_eager_ones():
         assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     for name, value in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], value, rtol=0, atol=1e-5)
+
+
+def test_the_training_loop_reads_the_device_only_on_log_steps(tiny_store, tmp_path, monkeypatch):
+    """A real ``train()`` run: host reads happen in the iterations of log steps (every 4th here), none between;
+    and a step never starts while the previous step's network outputs are still alive (peak memory)."""
+    import weakref
+
+    import braindino.train.trainer as trainer
+
+    counter, boundaries, previous_outputs = HostSyncCounter(), [], []
+    real_step = trainer.TrainingStep.__call__
+
+    def marked_step(self, step, batch):
+        boundaries.append(len(counter.calls))
+        assert all(output() is None for output in previous_outputs), f"step {step - 1}'s outputs still alive"
+        result = real_step(self, step, batch)
+        previous_outputs[:] = [weakref.ref(result.student_out["cls"]), weakref.ref(result.extra["teacher_probs"])]
+        return result
+
+    monkeypatch.setattr(trainer.TrainingStep, "__call__", marked_step)
+    config = load_config(None, TINY + ["optim.iters=9", "train.log_every=4", "train.monitor_every=1000",
+                                       "train.checkpoint_every=1000", "train.progress=false"])
+    with counter:
+        trainer.train(config, tiny_store, tmp_path / "run")
+    boundaries.append(len(counter.calls))
+    reads_per_iteration = [after - before for before, after in zip(boundaries[1:-1], boundaries[2:])]
+    # iteration i runs step i + 1 (step 0 builds lazily and is left out); steps 3 and 7 log, step 8 is the last
+    assert [i + 1 for i, n in enumerate(reads_per_iteration) if n] == [3, 7, 8]

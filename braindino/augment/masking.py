@@ -89,13 +89,13 @@ class BlockMaskGenerator:
             mask.flat[rng.choice(candidates)] = True
 
 
-def sample_batch_masks(
+def sample_mask_array(
     batch_size: int,
     grid_size: tuple[int, int],
     mask_ratio_range: tuple[float, float] = (0.1, 0.5),
     mask_sample_probability: float = 0.5,
     rng: np.random.Generator | None = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """``[B, h * w]`` bool patch masks for a batch (row-major patch order), like DINOv2's collate.
 
     ``m = round(B * mask_sample_probability)`` (halves round up) images, chosen at random, get block masks; the
@@ -104,7 +104,7 @@ def sample_batch_masks(
     get no masked patch. ``rng`` is required (the default ``None`` raises).
     """
     if rng is None:
-        raise ValueError("sample_batch_masks needs rng=np.random.default_rng(seed) for reproducible masks")
+        raise ValueError("sample_mask_array needs rng=np.random.default_rng(seed) for reproducible masks")
     low, high = mask_ratio_range
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"mask_ratio_range must satisfy 0 <= low <= high <= 1, got {mask_ratio_range}")
@@ -119,7 +119,18 @@ def sample_batch_masks(
     for rank, image in enumerate(masked_images):
         ratio = rng.uniform(edges[rank], edges[rank + 1])
         masks[image] = generator(int(math.floor(ratio * n_patches + 0.5)), rng).reshape(-1)
-    return torch.from_numpy(masks)
+    return masks
+
+
+def sample_batch_masks(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    mask_ratio_range: tuple[float, float] = (0.1, 0.5),
+    mask_sample_probability: float = 0.5,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """``sample_mask_array`` as a ``[B, h * w]`` bool tensor."""
+    return torch.from_numpy(sample_mask_array(batch_size, grid_size, mask_ratio_range, mask_sample_probability, rng))
 
 
 @dataclass
@@ -159,6 +170,5 @@ class IBOTMaskSampler:
     mask_sample_probability: float = 0.5
 
     def __call__(self, n_images: int, rng: np.random.Generator) -> MaskBatch:
-        masks = sample_batch_masks(n_images, self.grid_size, self.mask_ratio_range, self.mask_sample_probability,
-                                   rng)
-        return MaskBatch.from_masks(masks.numpy())
+        return MaskBatch.from_masks(sample_mask_array(n_images, self.grid_size, self.mask_ratio_range,
+                                                      self.mask_sample_probability, rng))

@@ -40,15 +40,6 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The maximum of a Python float over all processes (the value itself when running alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
 _control_group = None   # a gloo group for small CPU-side agreements (no GPU sync on the training stream)
 
 

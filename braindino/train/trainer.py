@@ -152,6 +152,30 @@ def save_checkpoint(training, provenance: dict, done: int, run_dir: Path, config
     return path
 
 
+class SkipCounter:
+    """Skipped (non-finite) steps counted on the device, so that no step waits for the host to know.
+
+    ``add(flag)`` after every step (0-dim float, 1.0 = skipped); ``read()`` → (longest run of consecutive skips
+    since the last read, skips since the last read), a host sync: call it on log and checkpoint steps only.
+    """
+
+    def __init__(self, device: torch.device):
+        self.run = torch.zeros((), device=device)
+        self.longest = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device)
+
+    def add(self, flag: torch.Tensor) -> None:
+        self.run = (self.run + flag) * flag
+        self.longest = torch.maximum(self.longest, self.run)
+        self.count = self.count + flag
+
+    def read(self) -> tuple[int, int]:
+        longest, count = (int(value) for value in torch.stack([self.longest, self.count]).tolist())
+        self.longest = self.run.clone()   # a run still going on carries over into the next window
+        self.count = torch.zeros_like(self.count)
+        return longest, count
+
+
 def knn_embedder(training):
     """``images [B, 1, S, S] → CLS [B, D]`` through the top-level (possibly FSDP-wrapped) network."""
     def embed(images):
@@ -204,7 +228,8 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
     local_batch = int(config.optim.global_batch_size) // dist_info.world_size
     progress = tqdm(total=iters, initial=start_step, disable=not (dist_info.is_main and config.train.progress),
                     desc="pretrain", unit="step", dynamic_ncols=True)
-    first_losses, last_losses, skipped_in_a_row, last_monitors, steps_timed = None, None, 0, {}, 0
+    first_losses, last_losses, last_monitors, steps_timed = None, None, {}, 0
+    skips = SkipCounter(device)
     done, stopped, checkpoint_path = start_step, None, None
     loader = step_loader(store, config, dist_info.rank, dist_info.world_size, start_step)
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, then=loader.worker_init_fn)
@@ -213,35 +238,41 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
     started = step_clock = time.perf_counter()
     for step, batch in zip(range(start_step, iters), loader):
         result = run_step(step, batch)
+        skips.add(result.skipped_flag)
         progress.update(1)
         done = step + 1
-        if not result.applied:
-            skipped_in_a_row += 1
-            log.log(step, {"skipped_nonfinite": 1, **{f"loss/{k}": v for k, v in result.losses.items()}})
-            if skipped_in_a_row >= config.train.max_consecutive_nonfinite:
+        steps_timed += 1
+        monitor_due = done % config.train.monitor_every == 0 or done == iters
+        knn_due = knn is not None and (done % config.train.knn_every == 0 or done == iters)
+        # the only places the host reads the device: log, monitor and checkpoint steps, the last step
+        if (done % config.train.log_every == 0 or done % config.train.checkpoint_every == 0 or done == iters
+                or monitor_due or knn_due):
+            longest_run, skipped = skips.read()
+            if longest_run >= config.train.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
-                    f"step {step}: non-finite loss or gradient for {skipped_in_a_row} steps in a row "
-                    f"(losses {result.losses}, grad norm {result.grad_norm}); no checkpoint written — lower "
+                    f"step {step}: non-finite loss or gradient for {longest_run} steps in a row (last losses "
+                    f"{result.losses}, grad norm {result.grad_norm}); no checkpoint written — lower "
                     f"optim.base_lr, raise optim.warmup_iters or use train.precision=fp32")
-        else:
-            skipped_in_a_row = 0
-            first_losses = first_losses or result.losses
-            last_losses = result.losses
-            steps_timed += 1
-            if done % config.train.monitor_every == 0 or done == iters:
-                last_monitors = {f"monitor/{k}": v
-                                 for k, v in collapse_monitors(result.student_out, result.extra, config).items()}
-            if knn is not None and (done % config.train.knn_every == 0 or done == iters):
-                last_monitors["monitor/knn_accuracy"] = knn.accuracy(embed, device, config.crops.global_size)
-            if done % config.train.log_every == 0 or done == iters or last_monitors:
+            if not result.applied:
+                log.log(step, {"skipped_nonfinite": skipped, **{f"loss/{k}": v for k, v in result.losses.items()}})
+            else:
+                last_losses = result.losses
+                first_losses = first_losses or last_losses
+                if monitor_due:
+                    last_monitors = {f"monitor/{k}": v
+                                     for k, v in collapse_monitors(result.student_out, result.extra, config).items()}
+                if knn_due:
+                    last_monitors["monitor/knn_accuracy"] = knn.accuracy(embed, device, config.crops.global_size)
                 img_per_s = local_batch * steps_timed / max(time.perf_counter() - step_clock, 1e-9)
-                log.log(step, {**{f"loss/{k}": v for k, v in result.losses.items()}, **result.scheduled,
+                log.log(step, {**{f"loss/{k}": v for k, v in last_losses.items()}, **result.scheduled,
                                "grad_norm": result.grad_norm, "img_per_s_per_device": img_per_s,
                                "img_per_s": img_per_s * dist_info.world_size,
-                               "peak_memory_mb": peak_memory_mb(device), **last_monitors})
-                progress.set_postfix(loss=f"{result.losses['total']:.3f}",
+                               "peak_memory_mb": peak_memory_mb(device), **last_monitors,
+                               **({"skipped_nonfinite": skipped} if skipped else {})})
+                progress.set_postfix(loss=f"{last_losses['total']:.3f}",
                                      img_s=f"{img_per_s * dist_info.world_size:.0f}")
                 last_monitors, steps_timed, step_clock = {}, 0, time.perf_counter()
+        del result   # the next step must not run with this one's activations and logits still alive
         stopped = stop_requests.agreed()
         if done % config.train.checkpoint_every == 0 or done == iters or stopped:
             checkpoint_path = save_checkpoint(training, provenance, done, run_dir, config, dist_info.is_main)
