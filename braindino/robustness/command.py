@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="slices per encoder batch (default 64)")
     parser.add_argument("--slice-stride", type=int, default=1, metavar="K", help="embed every K-th kept slice")
     parser.add_argument("--device", default=None, help="encoder device (default cuda > mps > cpu)")
+    parser.add_argument("--features", metavar="DIR", help="folder of clean feature folders, one per encoder "
+                        "(DIR/<encoder>/, e.g. a probe run's RUN/features): volumes already there with the same "
+                        "settings are reused, the others added (default: RUN/features)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder: robustness.csv, robustness.md, "
                         "metrics.json, figures/, features/, errors.csv")
     parser.epilog = f"perturbations: {', '.join(PERTURBATION_ORDER)}"
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             perturbations=names, grid=args.grid, perturbation_seed=args.perturbation_seed, metric=args.metric,
             seeds=seeds, folds=args.folds, protocol=args.protocol, n_bootstrap=args.bootstrap,
             default_baselines=not args.no_default_baselines, workers=args.workers, batch_size=args.batch_size,
-            slice_stride=args.slice_stride, device=args.device)
+            slice_stride=args.slice_stride, device=args.device, features_dir=args.features)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -109,8 +112,11 @@ def robustness(models: list, manifest, out, task: str, target=None, time=None, e
                fusion="concat", pooling="mean", head="linear", unit="auto", perturbations=None, grid=(),
                perturbation_seed: int = 0, metric=None, seeds=(0,), folds: int = 5, protocol: str = "auto",
                n_bootstrap: int = 1000, default_baselines: bool = True, workers: int = 1, batch_size: int = 64,
-               slice_stride: int = 1, device=None) -> tuple[dict, int]:
-    """The whole run → (paths written, number of failed (volume, condition) pairs and unembedded volumes)."""
+               slice_stride: int = 1, device=None, features_dir=None) -> tuple[dict, int]:
+    """The whole run → (paths written, number of failed (volume, condition) pairs and unembedded volumes).
+
+    Clean features of all encoders are extracted together (each volume read once per distinct preprocessing) into
+    ``features_dir/<encoder>/`` (default ``out/features``), a content-keyed cache shared with probe runs."""
     from tqdm import tqdm
 
     from braindino.manifest import assert_no_duplicate_rows, read_manifest
@@ -152,15 +158,19 @@ def robustness(models: list, manifest, out, task: str, target=None, time=None, e
     used = table_manifest.loc[used_rows]
     used.attrs.update(table_manifest.attrs)
 
+    from braindino.extract.cohort import extract_cohorts
     from braindino.probe.inputs import feature_rows
 
+    features_root = Path(features_dir) if features_dir is not None else run_dir / "features"
+    folders = [features_root / entry["slug"] for entry in encoders]
+    print(f"robustness: clean features of {', '.join(e['name'] for e in encoders)} -> {features_root}",
+          file=sys.stderr)
+    extracted = extract_cohorts([(entry["encoder"], folder) for entry, folder in zip(encoders, folders)], used,
+                                batch_size=batch_size, workers=workers, slice_stride=slice_stride)
     failed = 0
-    for entry in encoders:
-        folder = run_dir / "features" / entry["slug"]
-        print(f"robustness: clean features of {entry['name']} -> {folder}", file=sys.stderr)
-        entry["features"] = entry["encoder"].embed_cohort(used, cache_dir=folder, batch_size=batch_size,
-                                                          workers=workers, slice_stride=slice_stride)
-        entry["rows"] = feature_rows(entry["features"], used)
+    for entry, (features, _report) in zip(encoders, extracted):
+        entry["features"] = features
+        entry["rows"] = feature_rows(features, used)
         failed += len(used) - len(entry["rows"])
     embedded = set.intersection(*(set(e["rows"]) for e in encoders))
     table = restrict(table, embedded, "not embedded")
