@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 from torch.overrides import TorchFunctionMode
 
 from braindino.augment import MaskBatch, sample_batch_masks
@@ -27,8 +26,8 @@ TINY = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.dro
         "optim.global_batch_size=4", "optim.warmup_iters=1", "dino.freeze_last_layer_iters=1",
         "train.num_workers=0", "train.precision=fp32"]
 # every intensity augmentation on at p = 0.5, so each selection path runs with some rows chosen and some not
-ALL_AUGMENTATIONS = {name: 0.5 for name in ("p_gamma", "p_contrast", "p_bias_field", "p_gibbs", "p_spike",
-                                             "p_ghosting", "p_noise", "p_blur")}
+ALL_AUGMENTATIONS = [f"intensity.{name}=0.5" for name in ("p_gamma", "p_contrast", "p_bias_field", "p_gibbs",
+                                                          "p_spike", "p_ghosting", "p_noise", "p_blur")]
 SYNC_METHODS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere",
                 "masked_select", "unique", "numpy", "_local_scalar_dense"}
 
@@ -58,9 +57,7 @@ def _has_bool_index(index) -> bool:
 
 
 def _training_step(objective: str, device: torch.device, *overrides):
-    config = load_config(None, TINY + [f"objective={objective}", *overrides])
-    with open_dict(config):
-        config.intensity = ALL_AUGMENTATIONS
+    config = load_config(None, TINY + [f"objective={objective}", *ALL_AUGMENTATIONS, *overrides])
     info = DistInfo(0, 1, 0, device)
     return config, TrainingStep(config, build_training(config, info), info)
 

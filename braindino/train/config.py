@@ -4,8 +4,11 @@ Every key a run reads is declared in ``DEFAULTS`` (unknown keys in a YAML file o
 so a typo never silently trains the wrong model). The resolved config is saved in the run directory.
 """
 
+from dataclasses import fields
+
 from omegaconf import DictConfig, OmegaConf
 
+from braindino.augment import IntensityAugmentConfig
 from braindino.models import PRESETS
 from braindino.train.catalog import resolve_config
 
@@ -57,7 +60,9 @@ DEFAULTS = {
         "flip_p": 0.5,
         "max_rotation_deg": 10.0,
     },
-    "intensity": {},                     # fields of braindino.augment.IntensityAugmentConfig to change
+    # probability p_* and range of each intensity augmentation (braindino.augment.IntensityAugmentConfig's defaults)
+    "intensity": {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                  for f in fields(IntensityAugmentConfig)},
     "optim": {
         "global_batch_size": 64,         # images per step summed over all processes
         "iters": 10000,
