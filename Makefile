@@ -22,4 +22,4 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
-	$(VENV)/bin/python bench/bench_store.py
+	$(VENV)/bin/python bench/run_all.py

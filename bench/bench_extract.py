@@ -63,6 +63,8 @@ def main() -> int:
     print(f"(a) extraction wall time {extract_s:.2f}s ({report.summary()})")
     print(f"(b) encoder-only forward {forward_s:.2f}s ({len(slices) / forward_s:.1f} slices/s)")
     print(f"ratio (a)/(b) = {ratio:.3f} (target <= {TARGET_RATIO})")
+    print(f"BENCH | cohort extraction ÷ encoder-only forward ({encoder.name}, {len(slices)} slices) | {ratio:.3f} | "
+          f"≤ {TARGET_RATIO}")
     return 0
 
 

@@ -91,6 +91,9 @@ def main() -> int:
             r = results[arch, attn] = measure(arch, attn, args.batch_size, args.steps)
             print(f"{arch:10} {attn:9} {r['img_per_s']:8.0f} {r['tflops']:8.0f} "
                   f"{r['tflops'] / args.peak_tflops:6.1%} {r['peak_gib']:9.1f}")
+            print(f"BENCH | GPU pretraining {arch}/16, {attn}, bf16 | {r['img_per_s']:,.0f} img/s, MFU "
+                  f"{r['tflops'] / args.peak_tflops:.1%}, peak {r['peak_gib']:.1f} GiB | "
+                  f"{'≥ 1,000 img/s' if arch == 'vit_base' else '—'}")
         if "xformers" in backends:
             ratio = results[arch, "xformers"]["img_per_s"] / results[arch, "sdpa"]["img_per_s"]
             print(f"{arch:10} xformers / sdpa speed ratio: {ratio:.3f}")

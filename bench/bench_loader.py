@@ -76,6 +76,8 @@ def main(argv=None) -> int:
           f"| masks per step (ms) | {mask_ms:.1f} |\n"
           f"| one worker ÷ {args.target:,.0f} img/s | {full_rate / args.target:.2f} |\n"
           f"| workers per GPU for {args.target:,.0f} img/s | {workers} |")
+    print(f"BENCH | loader slices/s per worker (reads + iBOT masks, {slice_shape[0]}² slices) | {full_rate:,.0f} | —")
+    print(f"BENCH | one loader worker ÷ {args.target:,.0f} img/s | {full_rate / args.target:.2f} | ≥ 1")
     return 0
 
 

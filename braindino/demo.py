@@ -3,7 +3,8 @@
 synth (training cohort) → prepare (slice store) → pretrain (ViT-Tiny DINO + iBOT + KoLeo) → export (model folder)
 → synth (a held-out cohort made with another seed: subjects the encoder never saw) → probe every endpoint of that
 cohort by subject-grouped cross-validation against a random-init encoder of the same architecture and the non-deep
-pixel baseline → one report (report.md + report.html).
+pixel baseline → (with ``--segmentation``) probe tumour segmentation → robustness of the sequence probe to gamma, bias field and Gibbs
+ringing → saliency maps of a tumour probe → one report (OUT/report.md + a self-contained OUT/report.html).
 Every stage writes its own folder under ``--out``; rerunning the demo skips what is already done.
 """
 
@@ -12,17 +13,20 @@ import time
 from pathlib import Path
 
 from braindino.atomic import atomic_write_text
+from braindino.demo_report import write_demo_report
 
 CONFIG = "dino_vit_tiny_cpu"   # a shipped config's name (braindino/configs/), so an installed wheel finds it
 
 # The held-out cohort's endpoints (columns of `braindino synth`'s manifest). Focal findings (tumour, stroke) live in
-# a few slices, so those endpoints pool slices by their maximum; global ones (sequence, age) by the mean.
+# a few slices, so those endpoints pool slices by their maximum; global ones (sequence, age) by the mean. Survival
+# averages its two sequences' features (fusion: mean) instead of concatenating them: the penalised Cox fit costs
+# the square of the feature count per sample, and concatenation made it most of the probe's time.
 ENDPOINTS_YAML = """\
 - {name: sequence, task: classification, target: sequence, pooling: mean}
 - {name: diagnosis, task: classification, target: diagnosis, sequences: [T1w, FLAIR], pooling: meanmax}
 - {name: age, task: regression, target: age, sequences: [T1w], pooling: mean}
 - {name: mutation, task: classification, target: mutation, sequences: [T1c, FLAIR], pooling: max}
-- {name: survival, task: survival, time: time, event: event, sequences: [T1c, FLAIR], pooling: max}
+- {name: survival, task: survival, time: time, event: event, sequences: [T1c, FLAIR], fusion: mean, pooling: max}
 - {name: months_since_stroke, task: regression, target: months_since_stroke, sequences: [FLAIR], pooling: max}
 """
 
@@ -40,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=CONFIG, help="pretraining config: a shipped config's name "
                                                         "(`braindino configs`) or a YAML file (default: %(default)s)")
     parser.add_argument("--fractions", default="10,100", help="probe training fractions in percent")
+    parser.add_argument("--segmentation", action="store_true",
+                        help="also probe tumour segmentation (a decoder on every slice's patch tokens: adds tens of "
+                             "minutes on a CPU)")
+    parser.add_argument("--shots", default=None, help="probe k-shot settings per class (default: the probe's 1,5, "
+                                                      "on the endpoints that have classes); '' for none")
     parser.add_argument("--seeds", default="0,1,2", help="probe seeds")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs and paired tests")
     parser.add_argument("--slice-stride", type=int, default=4,
@@ -52,7 +61,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cohort, store, run_dir, model = out / "cohort", out / "store", out / "run", out / "model"
     heldout, probe_dir = out / "heldout", out / "probe"
+    segmentation_dir, robustness_dir, saliency_dir = out / "probe_segmentation", out / "robustness", out / "saliency"
     clock = StageClock()
+
+    def unless_done(result: Path, *inputs: Path):
+        """Skip a stage whose result exists and is newer than every input it was made from."""
+        def decide(stage):
+            def run_stage() -> int:
+                if result.exists() and all(result.stat().st_mtime >= i.stat().st_mtime for i in inputs):
+                    print(f"  {result} is up to date: kept")
+                    return 0
+                return stage()
+            return run_stage
+        return decide
 
     def synth(folder: Path, subjects: int, seed: int) -> int:
         if (folder / "manifest.csv").exists():
@@ -72,10 +93,45 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(endpoints, ENDPOINTS_YAML)
         return braindino(["probe", "--model", str(model), "--manifest", str(heldout / "manifest.csv"),
                           "--endpoints", str(endpoints), "--protocol", "cv", "--skip-infeasible",
-                          "--fractions", args.fractions,
-                          "--shots", "", "--slice-stride", str(args.slice_stride),
+                          "--fractions", args.fractions, *(["--shots", args.shots] if args.shots is not None else []),
+                          "--slice-stride", str(args.slice_stride),
                           "--seeds", args.seeds, "--bootstrap", str(args.bootstrap), "--workers",
                           str(args.workers), "--out", str(probe_dir)])
+
+    def probe_segmentation() -> int:
+        """Tumour masks from frozen patch tokens, on the held-out subjects that have one (FLAIR, every slice)."""
+        import pandas as pd
+
+        manifest = pd.read_csv(heldout / "manifest.csv")
+        with_masks = manifest[manifest["mask"].notna()]
+        tumour_manifest = heldout / "manifest_tumour.csv"
+        atomic_write_text(tumour_manifest, with_masks.to_csv(index=False))
+        return braindino(["probe", "--model", str(model), "--manifest", str(tumour_manifest), "--task",
+                          "segmentation", "--mask", "mask", "--sequences", "FLAIR", "--protocol", "cv",
+                          "--folds", "3", "--fractions", "100", "--shots", "", "--seeds", "0", "--bootstrap",
+                          str(args.bootstrap), "--workers", str(args.workers), "--out", str(segmentation_dir)])
+
+    def robustness() -> int:
+        grid = ["--grid", "gamma=0.6,1.6", "--grid", "bias_field=0.3", "--grid", "gibbs=0.3"]
+        return braindino(["robustness", "--model", str(model), "--manifest", str(heldout / "manifest.csv"),
+                          "--task", "classification", "--target", "sequence", "--protocol", "split",
+                          "--perturbations", "gamma,bias_field,gibbs", *grid,
+                          "--slice-stride", str(args.slice_stride), "--features", str(probe_dir / "features"),
+                          "--bootstrap", str(args.bootstrap), "--workers", str(args.workers),
+                          "--out", str(robustness_dir)])
+
+    def saliency() -> int:
+        """Maps of a tumour-vs-rest probe for the first two held-out tumour subjects' FLAIR volumes."""
+        import pandas as pd
+
+        manifest = pd.read_csv(heldout / "manifest.csv")
+        tumours = manifest[(manifest["diagnosis"] == "tumour") & (manifest["sequence"] == "FLAIR")
+                           & (manifest["split"] == "test")].head(2)
+        images = [argument for path in tumours["path"] for argument in ("--image", str(heldout / path))]
+        return braindino(["saliency", "--model", str(model), "--manifest", str(heldout / "manifest.csv"), *images,
+                          "--task", "classification", "--target", "diagnosis", "--class", "tumour",
+                          "--sequence", "FLAIR", "--pooling", "mean", "--workers", str(args.workers),
+                          "--out", str(saliency_dir)])
 
     stages = [
         ("synth", f"synthesising {args.subjects} training subjects into {cohort}",
@@ -85,18 +141,31 @@ def run(args: argparse.Namespace) -> int:
                             "--workers", str(args.workers)])),
         ("pretrain", f"pretraining ({Path(args.config).name}, {args.iters} steps) into {run_dir}", pretrain),
         ("export", f"exporting the teacher to {model}",
-         lambda: braindino(["export", "--checkpoint", str(run_dir), "--out", str(model)])),
+         unless_done(model / "config.json", run_dir / "checkpoints")(
+             lambda: braindino(["export", "--checkpoint", str(run_dir), "--out", str(model)]))),
         ("held-out synth", f"synthesising {args.heldout_subjects} held-out subjects (seed {args.seed + 1}) into "
                            f"{heldout}", lambda: synth(heldout, args.heldout_subjects, args.seed + 1)),
         ("probe", f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels) into "
-                  f"{probe_dir}", probe),
+                  f"{probe_dir}", unless_done(probe_dir / "metrics.json", model / "config.json")(probe)),
+        ("robustness", f"robustness of the sequence probe to gamma, bias field and Gibbs ringing into "
+                       f"{robustness_dir}", unless_done(robustness_dir / "metrics.json", model / "config.json")(
+                           robustness)),
+        ("saliency", f"saliency maps of a tumour probe on two held-out tumour subjects into {saliency_dir}",
+         unless_done(saliency_dir / "saliency.csv", model / "config.json")(saliency)),
     ]
+    if args.segmentation:   # opt-in: the decoder trains on every slice of every fold, far beyond the 15 minutes
+        stages.insert(6, ("segmentation", f"probing tumour segmentation on the held-out tumour subjects into "
+                                          f"{segmentation_dir}", unless_done(segmentation_dir / "metrics.json",
+                                                                             model / "config.json")(probe_segmentation)))
     for number, (name, title, stage) in enumerate(stages, 1):
         print(f"[{number}/{len(stages)}] {title}", flush=True)
         status = clock.time(name, stage)
         if status:
             return status
-    print(demo_summary(run_dir, probe_dir, clock))
+    summary = demo_summary(run_dir, probe_dir, clock)
+    report = write_demo_report(out, heldout_comparison(probe_dir), clock.line())
+    print(summary)
+    print(f"  one report: {report} and {report.with_suffix('.html')}")
     return 0
 
 

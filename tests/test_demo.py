@@ -3,6 +3,8 @@
 import json
 import math
 
+import pandas as pd
+
 from braindino.cli import main
 from braindino.probe.results import ProbeResults
 from braindino.train.metrics_log import read_metrics
@@ -32,6 +34,27 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     assert "demo finished" in out and "effective_rank" in out and "held-out cohort" in out
     assert "sequence (balanced_accuracy, 100%): pretrained" in out
     check_numbers(demo, results, out)
+    # robustness of the sequence probe: clean features taken from the probe run, 3 perturbations × 3 encoders
+    table = pd.read_csv(demo / "robustness" / "robustness.csv")
+    assert set(table["encoder"]) == {"model", "random_like", "pixels"}
+    assert set(table["perturbation"]) == {"gamma", "bias_field", "gibbs"}
+    assert not (demo / "robustness" / "features").exists()
+    for name in ("gamma", "bias_field", "gibbs"):
+        assert (demo / "robustness" / "figures" / f"robustness_{name}.png").stat().st_size > 1000
+    # saliency: NIfTI maps on each mapped volume's own grid, and a montage
+    mapped = pd.read_csv(demo / "saliency" / "saliency.csv")
+    assert len(mapped) >= 1
+    for volume in mapped["name"]:
+        assert (demo / "saliency" / volume / "montage.png").stat().st_size > 1000
+        assert list((demo / "saliency" / volume).glob("*.nii.gz"))
+    # one report: the plain-words opening, every stage's section, every figure inlined in the HTML
+    report = (demo / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Where pretraining helped, and where it did not", "## Probing the held-out cohort",
+                    "## Robustness to acquisition changes", "## Saliency"):
+        assert heading in report
+    assert "In plain words: the pretrained encoder beat random init on" in report
+    demo_html = (demo / "report.html").read_text(encoding="utf-8")
+    assert demo_html.count("data:image/png;base64,") == report.count("![")
 
     # running it again skips every finished stage: their outputs are left exactly as they were
     # (store: the slice shards; a no-op prepare still rewrites store.json and the index as a new generation)
@@ -46,7 +69,8 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     rerun = capsys.readouterr().out
     assert rerun.count("manifest.csv exists: kept") == 2                      # both synth stages
     assert "0 volumes stored, 12 unchanged, 0 failed" in rerun                 # prepare
-    assert "pretrained dino for 0 steps" in rerun                              # pretrain resumes at its last step
+    assert "already holds all 6 steps: nothing to train" in rerun              # pretrain resumes at its last step
+    assert rerun.count("is up to date: kept") == 4                            # export, probe, robustness, saliency
     changed = [str(p) for p, (mtime, content) in finished.items()
                if not p.exists() or p.stat().st_mtime_ns != mtime or p.read_bytes() != content]
     assert changed == []

@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         return STOPPED_EXIT_STATUS
     if summary["world_size"] == 1 or _is_rank_zero():
         first, last = summary["first_losses"] or {}, summary["last_losses"] or {}
+        if summary["steps_run"] == 0:
+            print(f"{args.out} already holds all {summary['next_step']} steps: nothing to train")
+            return 0
         print(f"pretrained {summary['objective']} for {summary['steps_run']} steps on {summary['world_size']} "
               f"process(es) [{summary['device']}, {summary['precision']}, attn={summary['attention']}] in "
               f"{summary['seconds']:.1f}s: loss {first.get('total', float('nan')):.4f} -> "
