@@ -2,8 +2,9 @@
 
 On the CPU a host–device sync cannot be observed directly, so every call that *would* be one on a GPU is counted
 with a ``TorchFunctionMode``: ``.item()``, ``.tolist()``, ``bool`` / ``float`` / ``int`` of a tensor, ``nonzero``,
-boolean-mask indexing, ``masked_select``, ``unique``, copies to NumPy. On CUDA the same steps run under
-``torch.cuda.set_sync_debug_mode("error")``.
+boolean-mask indexing, ``masked_select``, ``unique``, copies to NumPy. The augmentations take their GPU code path
+here (``GATHER_ON_CPU`` off: on a real CPU run they gather the selected rows, which costs no sync there). On CUDA
+the same steps run under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from braindino.augment import MaskBatch, sample_batch_masks
+from braindino.augment import MaskBatch, sample_batch_masks, sampling
 from braindino.store import SliceStore
 from braindino.train.config import load_config
 from braindino.train.data import StepBatch, StepBatches, ibot_mask_sampler, step_masks, step_seed
@@ -30,6 +31,11 @@ ALL_AUGMENTATIONS = [f"intensity.{name}=0.5" for name in ("p_gamma", "p_contrast
                                                           "p_spike", "p_ghosting", "p_noise", "p_blur")]
 SYNC_METHODS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere",
                 "masked_select", "unique", "numpy", "_local_scalar_dense"}
+
+
+@pytest.fixture(autouse=True)
+def gpu_code_path(monkeypatch):
+    monkeypatch.setattr(sampling, "GATHER_ON_CPU", False)
 
 
 class HostSyncCounter(TorchFunctionMode):
@@ -206,3 +212,19 @@ def test_the_training_loop_reads_the_device_only_on_log_steps(tiny_store, tmp_pa
     reads_per_iteration = [after - before for before, after in zip(boundaries[1:-1], boundaries[2:])]
     # iteration i runs step i + 1 (step 0 builds lazily and is left out); steps 3 and 7 log, step 8 is the last
     assert [i + 1 for i, n in enumerate(reads_per_iteration) if n] == [3, 7, 8]
+
+
+def test_cpu_gather_and_gpu_where_paths_give_the_same_augmentation(monkeypatch):
+    """The two ways ``apply_to_selected`` applies an op give the same images (ops whose draws do not depend on how
+    many rows are computed; noise does, by design)."""
+    from braindino.augment import random_bias_field, random_blur, random_gamma, random_gibbs, random_ghosting
+
+    images = torch.rand((8, 1, 24, 24), generator=torch.Generator().manual_seed(0))
+    ops = (random_gamma, random_bias_field, random_gibbs, random_ghosting, random_blur)
+    outputs = {}
+    for gather in (True, False):
+        monkeypatch.setattr(sampling, "GATHER_ON_CPU", gather)
+        outputs[gather] = [op(images, torch.Generator().manual_seed(1), 0.5) for op in ops]
+    for op, gathered, chosen in zip(ops, outputs[True], outputs[False]):
+        assert not torch.equal(gathered, images), op.__name__
+        torch.testing.assert_close(gathered, chosen, rtol=0, atol=1e-6, msg=op.__name__)

@@ -270,7 +270,7 @@ def random_noise(
 ) -> torch.Tensor:
     """Add Gaussian noise with per-sample ``std ~ U(std)``, each sample with probability ``p``.
 
-    Noise is drawn for every sample (after the standard deviations) and kept for the selected ones.
+    Noise is drawn (after the standard deviations) for the rows ``apply_to_selected`` computes.
     """
     if p <= 0:
         return images

@@ -55,13 +55,26 @@ def draw_selection(
     return torch.rand((batch_size,), generator=generator, device=device) < probability
 
 
+GATHER_ON_CPU = True
+"""Whether CPU batches gather their selected rows (see ``apply_to_selected``); tests turn it off to check, on a CPU,
+the code path a GPU takes."""
+
+
 def apply_to_selected(images: torch.Tensor, selected: torch.Tensor | None, operation, *parameters) -> torch.Tensor:
     """``operation(images, *parameters)`` on the selected rows; the other rows pass through unchanged.
 
     images: ``[B, C, H, W]``; selected: ``[B]`` bool or ``None`` (all rows); every parameter has leading dim ``B``.
-    The operation runs on every row and ``torch.where`` picks the result per row: no row count is read back to the
-    host, so a CUDA step never waits for the GPU here (a gather of the selected rows would need their number).
+    On a GPU the operation runs on every row and ``torch.where`` picks the result per row: gathering the selected
+    rows would need their number on the host, a sync that makes the GPU wait. On the CPU there is nothing to wait
+    for, so the selected rows are gathered and the others cost nothing (``GATHER_ON_CPU``).
     """
     if selected is None:
         return operation(images, *parameters)
+    if images.device.type == "cpu" and GATHER_ON_CPU:
+        index = selected.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return images
+        result = images.clone()
+        result[index] = operation(images[index], *(parameter[index] for parameter in parameters))
+        return result
     return torch.where(selected.view(-1, *([1] * (images.dim() - 1))), operation(images, *parameters), images)
