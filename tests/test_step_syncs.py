@@ -169,21 +169,37 @@ def test_cuda_training_steps_raise_on_any_sync():
     torch.cuda.synchronize()
 
 
+COMPILE_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_step_syncs import _training_step
+batch = torch.rand((4, 1, 40, 40), generator=torch.Generator().manual_seed(0))
+results = {}
+for compiled in (False, True):
+    _, run_step = _training_step("dino", torch.device("cpu"), f"train.compile={str(compiled).lower()}")
+    assert all((b._compiled_call_impl is not None) == compiled for b in run_step.training.student_module.backbone.vit.blocks)
+    losses = [run_step(step, batch).losses["total"] for step in (0, 1)]
+    results[compiled] = losses, run_step.training.student_module.state_dict()
+loss_gap = max(abs(a - b) / abs(a) for a, b in zip(results[False][0], results[True][0]))
+weight_gap = max((results[True][1][n] - v).abs().max().item() for n, v in results[False][1].items())
+print(f"{loss_gap} {weight_gap}")
+"""
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler")
 def test_compiled_blocks_train_like_eager_ones():
-    """``train.compile=true`` compiles each transformer block; two steps agree with eager ones to float error."""
-    batch = torch.rand((4, 1, 40, 40), generator=torch.Generator().manual_seed(0))
-    results = {}
-    for compiled in (False, True):
-        _, run_step = _training_step("dino", torch.device("cpu"), f"train.compile={str(compiled).lower()}")
-        assert all((block._compiled_call_impl is not None) == compiled for block in run_step.training.student_module.backbone.vit.blocks)
-        losses = [run_step(step, batch).losses for step in (0, 1)]
-        results[compiled] = losses, run_step.training.student_module.state_dict()
-    for eager_losses, compiled_losses in zip(results[False][0], results[True][0]):
-        assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
-    for name, value in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], value, rtol=0, atol=1e-5)
+    """``train.compile=true`` compiles each transformer block; two steps agree with eager ones to float error.
+    Run in a fresh interpreter: inductor's build step trips over modules other tests leave imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(Path(__file__).parent)], capture_output=True,
+                            text=True, encoding="utf-8", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loss_gap, weight_gap = (float(value) for value in result.stdout.split()[-2:])
+    assert loss_gap < 1e-5 and weight_gap < 1e-5
 
 
 def test_the_training_loop_reads_the_device_only_on_log_steps(tiny_store, tmp_path, monkeypatch):
