@@ -72,7 +72,8 @@ def main() -> None:
         started = time.perf_counter()
         features = open_features(root)
         spec = EndpointSpec("dx", "classification", target="dx")
-        table = SubjectTable(spec, [""], manifest["subject"].to_numpy(), [{"": i} for i in range(len(manifest))],
+        subjects = manifest["subject"].to_numpy()
+        table = SubjectTable(spec, [""], subjects, subjects, [{"": i} for i in range(len(manifest))],
                              manifest["split"].to_numpy(), {"code": labels}, ["0", "1"])
         inputs = SubjectBags(table, features, feature_rows(features, manifest)).pooled("mean", "concat")
         loaded = time.perf_counter() - started
