@@ -63,7 +63,7 @@ def test_logistic_head_picks_C_like_an_explicit_grid_search_and_refits_on_all_da
     search = GridSearchCV(LogisticRegression(max_iter=2000), {"C": list(LOGISTIC_CS)}, cv=folds,
                           scoring="neg_log_loss").fit(scaled.transform(X[:80]), y[:80])
     assert head[-1].C_ == search.best_params_["C"]
-    reference = LogisticRegression(C=head[-1].C_, max_iter=2000).fit(scaled.transform(X[:80]), y[:80])
+    reference = LogisticRegression(C=head[-1].C_, max_iter=10000, tol=1e-10).fit(scaled.transform(X[:80]), y[:80])
     np.testing.assert_allclose(head.predict_proba(X[80:]), reference.predict_proba(scaled.transform(X[80:])),
                                atol=1e-6)
     assert list(head.classes_) == ["healthy", "lesion"]
@@ -190,3 +190,30 @@ def test_cox_head_on_two_or_three_training_volumes_uses_the_fixed_penalty():
         y = make_survival_target(np.ones(n, dtype=bool), np.arange(1.0, n + 1))
         head = make_linear_head("survival").fit(X, y)
         assert head[-1].alpha_ == FALLBACK_COX_ALPHA and head.predict(X).shape == (n,)
+
+
+def test_heads_fitted_in_the_training_rows_span_equal_the_models_fitted_on_all_features():
+    """More features than volumes (D = 300, V = 40), as in every probe: the logistic and Cox heads fit in the span of
+    the training rows; the same penalty on all 300 features must give the same predictions, and coef_ must be that
+    model in the standardised features."""
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+    rng = np.random.default_rng(7)
+    X, score = linear_data(rng, n=60, d=300)
+    X[:, 5] = X[:, 4]                                         # a rank-deficient block, as max-pooled features have
+    y = np.digitize(score + 0.3 * rng.normal(size=60), [-1.0, 1.0])          # three classes
+    head = make_linear_head("classification", inner_cv=3).fit(X[:40], y[:40])
+    scaled = StandardScaler().fit(X[:40])
+    reference = LogisticRegression(C=head[-1].C_, max_iter=10000, tol=1e-10).fit(scaled.transform(X[:40]), y[:40])
+    np.testing.assert_allclose(head.predict_proba(X[40:]), reference.predict_proba(scaled.transform(X[40:])),
+                               atol=1e-5)
+    np.testing.assert_allclose(head[-1].decision_function(scaled.transform(X[40:])),
+                               scaled.transform(X[40:]) @ head[-1].coef_.T + head[-1].intercept_, atol=1e-9)
+    assert head[-1].coef_.shape == (3, 300) and head[-1].basis_.shape == (300, 39)
+
+    survival = make_survival_target(rng.random(60) < 0.7, np.exp(-score + 0.3 * rng.normal(size=60)))
+    cox = make_linear_head("survival", inner_cv=3).fit(X[:40], survival[:40])
+    reference = CoxPHSurvivalAnalysis(alpha=cox[-1].alpha_, tol=1e-12, n_iter=1000).fit(
+        scaled.transform(X[:40]), survival[:40])
+    np.testing.assert_allclose(cox.predict(X[40:]), reference.predict(scaled.transform(X[40:])), atol=1e-4)
+    np.testing.assert_allclose(cox[-1].coef_, reference.coef_, atol=1e-5)

@@ -90,7 +90,6 @@ def head_parameters(estimator) -> int:
     if network is not None:
         return int(sum(p.numel() for p in network.parameters()))
     final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    final = getattr(final, "estimator_", final)
     total = 0
     for name in ("coef_", "intercept_"):
         value = getattr(final, name, None)

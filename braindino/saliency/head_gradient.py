@@ -38,8 +38,7 @@ def _class_index(estimator, class_code: int | None) -> int:
 
 def _linear_output(estimator, pooled: torch.Tensor, task: str, class_code) -> torch.Tensor:
     """A fitted ``make_linear_head`` pipeline (StandardScaler + logistic / ridge / Cox) on ``pooled`` ``[P]``."""
-    scaler, model = estimator.steps[0][1], estimator.steps[-1][1]
-    model = getattr(model, "estimator_", model)
+    scaler, model = estimator.steps[0][1], estimator.steps[-1][1]          # coef_ in the standardised features
     standardised = (pooled - torch.as_tensor(scaler.mean_, dtype=torch.float32)) / torch.as_tensor(
         scaler.scale_, dtype=torch.float32)
     coef = torch.as_tensor(np.atleast_2d(model.coef_), dtype=torch.float32)                 # [K, P]
