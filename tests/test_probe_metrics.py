@@ -1,4 +1,6 @@
-"""Probe metrics agree exactly with scikit-learn / scikit-survival; bootstrap CIs and paired tests behave."""
+"""Probe metrics agree with scikit-learn / scikit-survival; bootstrap CIs and paired tests behave."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -19,22 +21,47 @@ def classification_set(n, seed=0, signal=0.0, n_classes=3):
     return {"y_true": y, "prob": prob}
 
 
-def test_classification_metrics_equal_sklearn():
-    pred = classification_set(50)
-    got = M.compute_metrics("classification", pred)
-    y, prob = pred["y_true"], pred["prob"]
-    assert got["balanced_accuracy"] == balanced_accuracy_score(y, prob.argmax(1))
-    assert got["auc"] == roc_auc_score(y, prob, multi_class="ovr", average="macro")
-    assert got["f1_macro"] == f1_score(y, prob.argmax(1), average="macro")
-    binary = classification_set(40, seed=1, n_classes=2)
-    assert M.compute_metrics("classification", binary)["auc"] == roc_auc_score(binary["y_true"], binary["prob"][:, 1])
+def sklearn_classification(y, prob):
+    labels = list(range(prob.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # sklearn warns about a class absent from y_true
+        balanced = balanced_accuracy_score(y, prob.argmax(1))
+    auc = (roc_auc_score(y, prob[:, 1]) if prob.shape[1] == 2 else
+           roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=labels))
+    f1 = f1_score(y, prob.argmax(1), labels=labels, average="macro", zero_division=0.0)
+    return {"balanced_accuracy": balanced, "auc": auc, "f1_macro": f1}
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_classification_metrics_equal_sklearn_on_bootstrap_resamples(n_classes):
+    """Every resample the bootstrap draws (repeated subjects, tied scores, a class never predicted or, for balanced
+    accuracy and F1, never true) gives sklearn's values."""
+    rng = np.random.default_rng(n_classes)
+    prototypes = rng.dirichlet(np.ones(n_classes), size=2 * n_classes)          # few distinct rows: tied scores
+    prototypes[:, -1] = prototypes.min(axis=1) / 2                               # the last class is never predicted
+    prototypes /= prototypes.sum(axis=1, keepdims=True)
+    y = rng.integers(0, n_classes, 40)
+    pred = {"y_true": y, "prob": prototypes[(y + rng.integers(0, 2, 40) * n_classes) % (2 * n_classes)]}
+    for index in M.bootstrap_indices(40, 200, seed=1):
+        got = M.compute_metrics("classification", pred, index)
+        expected = sklearn_classification(pred["y_true"][index], pred["prob"][index])
+        np.testing.assert_allclose([got["balanced_accuracy"], got["f1_macro"]],
+                                   [expected["balanced_accuracy"], expected["f1_macro"]], rtol=1e-12)
+        if len(np.unique(pred["y_true"][index])) == n_classes:
+            assert got["auc"] == pytest.approx(expected["auc"], rel=1e-12)
+    for rows in ([0, 2, 1, 2, 0], [0, 1, 1, 0, 0]):       # class 2 never true; then neither true nor predicted
+        rare = {"y_true": np.array([0, 0, 1, 1, 0]), "prob": np.eye(3)[rows]}
+        got = M.compute_metrics("classification", rare)
+        expected = sklearn_classification(rare["y_true"], rare["prob"])
+        assert (got["balanced_accuracy"], got["f1_macro"]) == pytest.approx(
+            (expected["balanced_accuracy"], expected["f1_macro"]), rel=1e-12)
 
 
 def test_regression_and_survival_metrics_equal_reference():
     rng = np.random.default_rng(0)
     y, p = rng.normal(size=30), rng.normal(size=30)
     got = M.compute_metrics("regression", {"y_true": y, "y_pred": p})
-    assert got["mae"] == mean_absolute_error(y, p)
+    assert got["mae"] == pytest.approx(mean_absolute_error(y, p), rel=1e-12)
     assert got["pearson_r"] == pearsonr(y, p)[0]
     time, event, risk = rng.uniform(1, 20, 40), rng.random(40) < 0.6, rng.normal(size=40)
     high = risk > 0.1
