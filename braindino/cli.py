@@ -6,6 +6,7 @@ so ``braindino --help`` stays fast.
 
 import argparse
 import importlib
+import shlex
 import sys
 
 SUBCOMMANDS = {
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     tolerate_any_terminal_encoding()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    args.command_line = shlex.join(["braindino", *argv])    # what a run records as its command (report, metrics)
     try:
         return int(args.run(args))
     except Exception as err:   # an error re-raised from a DataLoader worker: print its own one-line cause

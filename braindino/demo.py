@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-subjects", type=int, default=32,
                         help="subjects of the held-out cohort the encoder is probed on (made with seed + 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=float, default=1.0, help="voxel size of the synthetic volumes in mm")
+    parser.add_argument("--resolution", type=float, default=1.5,
+                        help="voxel size of the synthetic volumes in mm (default 1.5: `prepare` resamples them to the "
+                             "store's 1 mm grid; the 96 px encoder sees a whole slice at 2.3 mm a pixel)")
     parser.add_argument("--iters", type=int, default=300, help="pretraining steps")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for synth, prepare and probe")
     parser.add_argument("--config", default=CONFIG, help="pretraining config: a shipped config's name "
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="probe seeds")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs and paired tests")
     parser.add_argument("--slice-stride", type=int, default=4,
-                        help="probe on every K-th axial slice of the held-out volumes (default 4: 4 mm apart)")
+                        help="probe on every K-th axial slice of the held-out volumes (default 4: 6 mm apart at 1.5 mm)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                           "--out", str(robustness_dir)])
 
     def saliency() -> int:
-        """Maps of a tumour-vs-rest probe for the first two held-out tumour subjects' FLAIR volumes."""
+        """Maps of a tumour-vs-rest probe for the first two held-out tumour subjects' FLAIR volumes; the head trains
+        on the probe's features of the model (same slices), so nothing is embedded twice."""
         import pandas as pd
 
         manifest = pd.read_csv(heldout / "manifest.csv")
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return braindino(["saliency", "--model", str(model), "--manifest", str(heldout / "manifest.csv"), *images,
                           "--task", "classification", "--target", "diagnosis", "--class", "tumour",
                           "--sequence", "FLAIR", "--pooling", "mean", "--workers", str(args.workers),
+                          "--slice-stride", str(args.slice_stride), "--features", str(probe_dir / "features" / "model"),
                           "--out", str(saliency_dir)])
 
     stages = [

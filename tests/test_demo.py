@@ -25,6 +25,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     assert config["braindino"]["provenance"]["objective"] == "dino" and (demo / "model" / "model.safetensors").exists()
     results = ProbeResults.from_dict(json.loads((demo / "probe" / "metrics.json").read_text(encoding="utf-8")))
     assert [e.role for e in results.encoders] == ["model", "baseline", "baseline"]
+    assert results.command.startswith("braindino probe --model ")          # the probe's own command, not the demo's
     endpoints = {e.name: e for e in results.endpoints}
     assert {"sequence", "age"} <= set(endpoints)
     assert endpoints["sequence"].unit == "volume" and endpoints["sequence"].protocol == "cv"
@@ -41,9 +42,10 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     assert not (demo / "robustness" / "features").exists()
     for name in ("gamma", "bias_field", "gibbs"):
         assert (demo / "robustness" / "figures" / f"robustness_{name}.png").stat().st_size > 1000
-    # saliency: NIfTI maps on each mapped volume's own grid, and a montage
+    # saliency: NIfTI maps on each mapped volume's own grid, and a montage; its head trained on the probe's features
     mapped = pd.read_csv(demo / "saliency" / "saliency.csv")
     assert len(mapped) >= 1
+    assert not (demo / "saliency" / "features").exists()
     for volume in mapped["name"]:
         assert (demo / "saliency" / volume / "montage.png").stat().st_size > 1000
         assert list((demo / "saliency" / volume).glob("*.nii.gz"))

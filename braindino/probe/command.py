@@ -314,8 +314,9 @@ def evaluate_all(args, manifest, tables, encoders, settings, seeds, explicit_sho
         rows += prediction_rows(table, cells)
         lines += headline_lines(result, seeds)
     bar.close()
+    command_line = getattr(args, "command_line", None) or shlex.join(["probe.py", *sys.argv[1:]])  # set by the CLIs
     results = ProbeResults(
-        run_dir=str(run_dir.resolve()), command=shlex.join(["probe.py", *sys.argv[1:]]), model=encoders[0]["name"],
+        run_dir=str(run_dir.resolve()), command=command_line, model=encoders[0]["name"],
         seeds=list(seeds), n_bootstrap=args.bootstrap, confidence=0.95, predictions="predictions.csv",
         elapsed_s=round(time.perf_counter() - started, 2),
         encoders=[EncoderInfo(e["name"], e["role"], e["spec"], e["fingerprint"], e["parameters"],

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-montage", action="store_true", help="write the NIfTI maps only")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
     parser.add_argument("--workers", type=int, default=1, help="processes extracting the training features")
+    parser.add_argument("--slice-stride", type=int, default=1, metavar="K",
+                        help="the head's training volumes: embed every K-th axial slice (as probe; default 1)")
+    parser.add_argument("--features", metavar="DIR", help="features folder of this encoder for the head's training "
+                        "volumes (e.g. a probe run's RUN/features/model): volumes already there with the same "
+                        "settings are reused, the others added (default: OUT/features/<encoder>)")
     parser.add_argument("--device", default=None, help="encoder device (default cuda > mps > cpu)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: <volume>/*.nii.gz, "
                         "<volume>/montage.png, saliency.csv")
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.out, images=args.image, manifest=args.manifest, task=args.task, target=args.target,
             time=args.time, event=args.event, sequence=args.sequence, pooling=args.pooling, head=args.head,
             class_name=args.class_name, seed=args.seed, montage=not args.no_montage, batch_size=args.batch_size,
-            workers=args.workers, device=args.device)
+            workers=args.workers, device=args.device, slice_stride=args.slice_stride, features_dir=args.features)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -95,9 +100,10 @@ def _volumes(images, manifest, sequence) -> list[dict]:
              "subject": r["subject"], "sequence": r.get("sequence", "")} for _, r in rows.iterrows()]
 
 
-def train_head(encoder, manifest, spec, seed: int, out: Path, workers: int, batch_size: int):
+def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: int, batch_size: int,
+               slice_stride: int = 1):
     """Fit ``spec``'s head on the manifest's training samples (train + val rows; every labelled row without a
-    split) → (fitted head, table)."""
+    split), embedded into (or reused from) ``features_dir`` → (fitted head, table)."""
     from braindino.probe.endpoints import build_table, restrict
     from braindino.probe.evaluate import quiet_expected_warnings
     from braindino.probe.fitting import fit_head, make_head
@@ -113,8 +119,8 @@ def train_head(encoder, manifest, spec, seed: int, out: Path, workers: int, batc
     rows = sorted({row for i in training for row in table.rows[i].values()})
     used = manifest.loc[rows]
     used.attrs.update(manifest.attrs)
-    features = encoder.embed_cohort(used, cache_dir=out / "features" / _safe(Path(str(encoder.name)).name),
-                                    batch_size=batch_size, workers=workers)
+    features = encoder.embed_cohort(used, cache_dir=features_dir, batch_size=batch_size, workers=workers,
+                                    slice_stride=slice_stride)
     found = feature_rows(features, used)
     table = restrict(table, set(found), "not embedded")
     train = np.array([i for i in range(len(table.samples)) if table.split is None or table.split[i] != "test"])
@@ -126,8 +132,10 @@ def train_head(encoder, manifest, spec, seed: int, out: Path, workers: int, batc
 
 def saliency(model, out, images=None, manifest=None, task=None, target=None, time=None, event=None, sequence=None,
              pooling: str = "max", head: str = "linear", class_name=None, seed: int = 0, montage: bool = True,
-             batch_size: int = 32, workers: int = 1, device=None) -> tuple[list[Path], int]:
-    """The whole run → (paths written, number of volumes that failed)."""
+             batch_size: int = 32, workers: int = 1, device=None, slice_stride: int = 1,
+             features_dir=None) -> tuple[list[Path], int]:
+    """The whole run → (paths written, number of volumes that failed). The head's training features go to
+    ``features_dir`` (default ``out/features/<encoder>``)."""
     from braindino import load_encoder
     from braindino.manifest import read_manifest
     from braindino.probe.endpoints import EndpointSpec
@@ -147,7 +155,9 @@ def saliency(model, out, images=None, manifest=None, task=None, target=None, tim
         spec = EndpointSpec(name=target or task, task=task, target=target, time=time, event=event,
                             sequences=[sequence] if sequence else None, pooling=pooling, head=head,
                             unit="auto").check("command line")
-        fitted, table = train_head(encoder, table_manifest, spec, seed, out, workers, batch_size)
+        features_dir = Path(features_dir) if features_dir else out / "features" / _safe(Path(str(encoder.name)).name)
+        fitted, table = train_head(encoder, table_manifest, spec, seed, features_dir, workers, batch_size,
+                                   slice_stride)
         classes = table.classes
         if class_name is not None and (classes is None or class_name not in classes):
             raise InputError("--class", f"{class_name!r} is not a class of {target}",
