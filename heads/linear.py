@@ -66,8 +66,8 @@ def row_space_basis(X: np.ndarray) -> np.ndarray:
     """
     X = np.asarray(X, dtype=np.float64)
     _, singular, vt = np.linalg.svd(X, full_matrices=False)
-    if singular.size == 0 or singular[0] == 0:
-        return np.zeros((X.shape[1], 0))
+    if singular.size == 0 or singular[0] == 0:      # all-zero rows (e.g. constant features, standardised): the
+        return np.eye(X.shape[1], 1)                # model is its intercept; one zero coordinate keeps sklearn fitting
     rank = int((singular > singular[0] * max(X.shape) * np.finfo(np.float64).eps).sum())
     return vt[:rank].T
 

@@ -217,3 +217,14 @@ def test_heads_fitted_in_the_training_rows_span_equal_the_models_fitted_on_all_f
         scaled.transform(X[:40]), survival[:40])
     np.testing.assert_allclose(cox.predict(X[40:]), reference.predict(scaled.transform(X[40:])), atol=1e-4)
     np.testing.assert_allclose(cox[-1].coef_, reference.coef_, atol=1e-5)
+
+
+def test_heads_on_constant_features_predict_from_the_intercept():
+    """Constant features standardise to zeros (no row span at all): the heads still fit, on the labels alone."""
+    y = np.array([0, 0, 0, 1] * 5)
+    head = make_linear_head("classification", inner_cv=3).fit(np.ones((20, 6)), y)
+    np.testing.assert_allclose(head.predict_proba(np.ones((2, 6)))[:, 1], 0.25, atol=1e-3)
+    assert head[-1].coef_.shape == (1, 6) and not head[-1].coef_.any()
+    survival = make_survival_target(np.arange(20) % 3 > 0, np.arange(1.0, 21.0))
+    cox = make_linear_head("survival", inner_cv=3).fit(np.ones((20, 6)), survival)
+    assert not cox[-1].coef_.any() and np.ptp(cox.predict(np.ones((3, 6)))) == 0
