@@ -10,6 +10,7 @@ already done.
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +19,8 @@ from braindino.demo_report import write_demo_report
 
 # A shipped config's name (braindino/configs/), so an installed wheel finds it. On the demo's budget (~8 min of 2 CPU
 # cores, ~26k images) SimCLR's contrastive loss learns and DINO's does not yet leave its plateau (the README's study:
-# DINO for 1,200 steps still had its loss at log K); `--config dino_vit_tiny_cpu --iters 300` runs the DINO demo.
-CONFIG = "simclr_vit_tiny_cpu"
-ITERS = 800                    # 0.55 s a step on 2 cores: ~7.5 min
+# DINO for 1,200 steps still had its loss at log K); `--config dino_vit_tiny_cpu` runs the DINO demo.
+CONFIG = "simclr_vit_tiny_cpu"  # 800 steps at 0.55 s on 2 cores: ~7.5 min
 
 # The held-out cohort's endpoints (columns of `braindino synth`'s manifest). Focal findings (tumour, stroke) live in
 # a few slices, so those endpoints pool slices by their maximum; global ones (sequence, age) by the mean. Survival
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=float, default=1.5,
                         help="voxel size of the synthetic volumes in mm (default 1.5: `prepare` resamples them to the "
                              "store's 1 mm grid; the 96 px encoder sees a whole slice at 2.3 mm a pixel)")
-    parser.add_argument("--iters", type=int, default=ITERS, help="pretraining steps (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=None, help="pretraining steps (default: the config's)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for synth, prepare and probe")
     parser.add_argument("--config", default=CONFIG, help="pretraining config: a shipped config's name "
                                                         "(`braindino configs`) or a YAML file (default: %(default)s)")
@@ -67,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
     from braindino.cli import main as braindino
 
     out = Path(args.out)
+    if args.iters is None:
+        from braindino.errors import InputError
+        from braindino.train.config import load_config
+
+        try:
+            args.iters = int(load_config(args.config).optim.iters)
+        except (InputError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     cohort, store, run_dir, model = out / "cohort", out / "store", out / "run", out / "model"
     heldout, probe_dir = out / "heldout", out / "probe"
     segmentation_dir, robustness_dir, saliency_dir = out / "probe_segmentation", out / "robustness", out / "saliency"

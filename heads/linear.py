@@ -72,6 +72,11 @@ def row_space_basis(X: np.ndarray) -> np.ndarray:
     return vt[:rank].T
 
 
+def in_basis(X, basis: np.ndarray) -> np.ndarray:
+    """Coordinates ``[V, r]`` of features ``X`` ``[V, D]`` in an orthonormal ``basis`` ``[D, r]``."""
+    return np.asarray(X, dtype=np.float64) @ basis
+
+
 class LogisticRegressionInnerCV(ClassifierMixin, BaseEstimator):
     """L2 logistic regression on ``[V, D]`` with ``C`` chosen from ``Cs`` by stratified inner CV (log loss).
 
@@ -91,7 +96,7 @@ class LogisticRegressionInnerCV(ClassifierMixin, BaseEstimator):
         if np.unique(y).size < 2:
             raise ValueError("classification needs at least two classes in the training data")
         self.basis_ = row_space_basis(X)
-        Z = np.asarray(X, dtype=np.float64) @ self.basis_
+        Z = in_basis(X, self.basis_)
         model = LogisticRegression(solver=LOGISTIC_SOLVER, tol=LOGISTIC_TOL, max_iter=self.max_iter)
         folds = inner_folds(y, self.inner_cv, self.random_state)
         if folds is None:
@@ -108,14 +113,14 @@ class LogisticRegressionInnerCV(ClassifierMixin, BaseEstimator):
         return self
 
     def predict(self, X) -> np.ndarray:
-        return self.estimator_.predict(np.asarray(X, dtype=np.float64) @ self.basis_)
+        return self.estimator_.predict(in_basis(X, self.basis_))
 
     def predict_proba(self, X) -> np.ndarray:
         """``[V, n_classes]`` class probabilities, columns in ``classes_`` order."""
-        return self.estimator_.predict_proba(np.asarray(X, dtype=np.float64) @ self.basis_)
+        return self.estimator_.predict_proba(in_basis(X, self.basis_))
 
     def decision_function(self, X) -> np.ndarray:
-        return self.estimator_.decision_function(np.asarray(X, dtype=np.float64) @ self.basis_)
+        return self.estimator_.decision_function(in_basis(X, self.basis_))
 
 
 class CoxPHInnerCV(BaseEstimator):
@@ -136,7 +141,7 @@ class CoxPHInnerCV(BaseEstimator):
         if not event.any():
             raise ValueError("survival needs at least one event in the training data")
         self.basis_ = row_space_basis(X)
-        Z = np.asarray(X, dtype=np.float64) @ self.basis_
+        Z = in_basis(X, self.basis_)
         folds = self._folds(event)
         if folds is None:
             self.alpha_ = FALLBACK_COX_ALPHA
@@ -162,7 +167,7 @@ class CoxPHInnerCV(BaseEstimator):
         return list(KFold(n_splits, shuffle=True, random_state=self.random_state).split(event))
 
     def predict(self, X) -> np.ndarray:
-        return self.estimator_.predict(np.asarray(X, dtype=np.float64) @ self.basis_)
+        return self.estimator_.predict(in_basis(X, self.basis_))
 
     def score(self, X, y) -> float:
         """Harrell's C-index."""

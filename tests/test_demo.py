@@ -119,3 +119,11 @@ def check_numbers(demo, results, out):
         printed = [row for row in out.splitlines() if row.startswith(f"    {endpoint.name} (")]
         assert len(printed) == 1
         assert [part.split(" [")[0] for part in printed[0].split(" — ")[0].split("; ")] == line.split("; ")
+
+
+def test_demo_refuses_an_unknown_config_with_one_line(tmp_path, capsys):
+    """Without --iters the demo reads the step count from its config, so a bad config stops it before any stage."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--config", "no_such_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "no_such_config" in err[0]
+    assert not (tmp_path / "demo").exists()

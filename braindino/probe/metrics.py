@@ -138,12 +138,17 @@ def paired_bootstrap(task: str, metric: str, model_preds: list[dict], baseline_p
     return observed, float(low), float(high), float(min(1.0, 2 * min(below, above)))
 
 
-def _balanced_accuracy(pred: dict) -> float:
-    """Mean recall over the classes present in ``y_true`` (sklearn's ``balanced_accuracy_score``)."""
+def _class_counts(pred: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class ``[C]``: true samples, predicted samples (argmax of ``prob``), correctly predicted samples."""
     n_classes = pred["prob"].shape[1]
     y_true, y_pred = pred["y_true"], pred["prob"].argmax(axis=1)
-    support = np.bincount(y_true, minlength=n_classes)
-    correct = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
+    return (np.bincount(y_true, minlength=n_classes), np.bincount(y_pred, minlength=n_classes),
+            np.bincount(y_true[y_pred == y_true], minlength=n_classes))
+
+
+def _balanced_accuracy(pred: dict) -> float:
+    """Mean recall over the classes present in ``y_true`` (sklearn's ``balanced_accuracy_score``)."""
+    support, _predicted, correct = _class_counts(pred)
     present = support > 0
     return float(np.mean(correct[present] / support[present]))
 
@@ -169,11 +174,9 @@ def _mann_whitney_auc(positive: np.ndarray, score: np.ndarray) -> float:
 def _f1_macro(pred: dict) -> float:
     """Mean over all classes of F1 = 2 TP / (2 TP + FP + FN), 0 for a class neither true nor predicted (sklearn's
     ``f1_score(average="macro", zero_division=0)`` with every class as a label)."""
-    n_classes = pred["prob"].shape[1]
-    y_true, y_pred = pred["y_true"], pred["prob"].argmax(axis=1)
-    true_positive = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
-    denominator = np.bincount(y_true, minlength=n_classes) + np.bincount(y_pred, minlength=n_classes)
-    f1 = np.divide(2 * true_positive, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    support, predicted, correct = _class_counts(pred)
+    denominator = support + predicted
+    f1 = np.divide(2 * correct, denominator, out=np.zeros(len(support)), where=denominator > 0)
     return float(f1.mean())
 
 
