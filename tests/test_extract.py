@@ -11,7 +11,7 @@ from conftest import head_like_volume, write_tiny_model
 import braindino
 from braindino.cli import main
 from braindino.errors import InputError
-from braindino.extract import open_features
+from braindino.extract import embed_cohort, open_features
 from braindino.store import SliceStore
 
 
@@ -123,9 +123,9 @@ def test_embed_cohort_default_cache_and_batching(tiny_model, cohort, tmp_path, m
     manifest = pd.read_csv(cohort)
     manifest[manifest["subject"] != "s9"].to_csv(cohort, index=False)
     encoder = braindino.load_encoder(tiny_model, device="cpu")
-    one = encoder.embed_cohort(cohort, workers=0, batch_size=1, progress=False)
+    one = embed_cohort(encoder, cohort, workers=0, batch_size=1, progress=False)
     assert one.root == tmp_path / "cache" / "features" / encoder.fingerprint and len(one) == 3
-    many = encoder.embed_cohort(cohort, cache_dir=tmp_path / "other", workers=0, batch_size=1000, progress=False)
+    many = embed_cohort(encoder, cohort, cache_dir=tmp_path / "other", workers=0, batch_size=1000, progress=False)
     for i in range(3):
         np.testing.assert_allclose(one.load(i)["cls"], many.load(i)["cls"], atol=1e-5, rtol=0)
 
@@ -143,8 +143,8 @@ def test_slice_stride_embeds_every_kth_slice_under_its_own_cache_key(tiny_model,
     manifest[manifest["subject"] != "s9"].to_csv(cohort, index=False)
     encoder = braindino.load_encoder(tiny_model, device="cpu")
     folder = tmp_path / "features"
-    every = encoder.embed_cohort(cohort, cache_dir=folder, workers=0, progress=False)
-    third = encoder.embed_cohort(cohort, cache_dir=folder, workers=0, progress=False, slice_stride=3)
+    every = embed_cohort(encoder, cohort, cache_dir=folder, workers=0, progress=False)
+    third = embed_cohort(encoder, cohort, cache_dir=folder, workers=0, progress=False, slice_stride=3)
     for i in range(3):
         full, strided = every.load(i), third.load(i)
         np.testing.assert_array_equal(strided["z"], full["z"][::3])

@@ -10,7 +10,7 @@ import pytest
 from conftest import head_like_volume, write_tiny_model
 
 import braindino
-import braindino.encoder.volume as volume_module
+import braindino.extract.cohort as cohort_module
 from braindino.errors import InputError
 from braindino.extract.cohort import extract_cohort, extract_cohorts
 from braindino.ingest import PreprocessConfig
@@ -51,15 +51,15 @@ def folder_bytes(root) -> dict:
 
 @pytest.fixture()
 def reads(monkeypatch):
-    """Count ``ingest_source`` calls per preprocessing (extraction with workers=0 reads in this process)."""
+    """Count ``prepare_volume`` calls per preprocessing (extraction with workers=0 reads in this process)."""
     counts = {}
-    real = volume_module.ingest_source
+    real = cohort_module.prepare_volume
 
     def counting(source, volume_index, preprocessing):
         counts[preprocessing.clip_percentiles] = counts.get(preprocessing.clip_percentiles, 0) + 1
         return real(source, volume_index, preprocessing)
 
-    monkeypatch.setattr(volume_module, "ingest_source", counting)
+    monkeypatch.setattr(cohort_module, "prepare_volume", counting)
     return counts
 
 

@@ -274,7 +274,7 @@ def test_unexpected_error_cause_is_its_first_line(cohort, tmp_path, capsys, monk
     def failing_reader(path, volume_index=None):
         raise RuntimeError("ITK ERROR: reader failed\n  at itkImageFileReader.hxx line 135\n  more detail")
 
-    monkeypatch.setattr("braindino.store.writer.load_volume", failing_reader)
+    monkeypatch.setattr("braindino.ingest.worker.load_volume", failing_reader)
     assert prepare(cohort, tmp_path / "store") == 1
     console = capsys.readouterr().out
     causes = pd.read_csv(tmp_path / "store" / "errors.csv")["cause"].tolist()

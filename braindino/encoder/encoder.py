@@ -9,9 +9,7 @@ on CUDA, fp32 elsewhere. Outputs are float32 on the CPU.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -59,7 +57,7 @@ class Encoder:
 
     def _fingerprint(self) -> str:
         digest = weights_digest(self.backbone)
-        handling = {"backbone": type(self.backbone).__name__, "preprocessing": asdict(self.preprocessing),
+        handling = {"backbone": type(self.backbone).__name__, "preprocessing": self.preprocessing.to_dict(),
                     "input_size": self.input_size, "patch_size": self.patch_size}
         digest.update(json.dumps(handling, sort_keys=True).encode())
         return digest.hexdigest()[:16]
@@ -76,7 +74,7 @@ class Encoder:
 
     def random_like(self, seed: int = 0) -> Encoder:
         """Same architecture, preprocessing and input handling, randomly initialised weights (seeded)."""
-        return Encoder(f"random_like({self.name}, seed={seed})", self.rebuild(seed), copy.deepcopy(self.preprocessing),
+        return Encoder(f"random_like({self.name}, seed={seed})", self.rebuild(seed), self.preprocessing,
                        self.input_size, self.patch_size, self.rebuild, self.device)
 
     def _autocast(self):
@@ -121,21 +119,9 @@ class Encoder:
                                hemispheres=joined["hemispheres"], patch=joined.get("patch"),
                                volume=joined["cls"].mean(axis=0), slices=slices, geometry=geometry)
 
-    def embed_cohort(self, manifest, cache_dir=None, batch_size: int = DEFAULT_BATCH, workers: int = 2,
-                     patch_tokens: bool = False, progress: bool = True, slice_stride: int = 1):
-        """Embed every volume of ``manifest`` (CSV path or ``read_manifest`` DataFrame) into the features folder
-        ``cache_dir`` (default: ``~/.cache/braindino/features/<fingerprint>``) → :class:`braindino.extract.Features`.
-        See :func:`braindino.extract.cohort.extract_cohort` (which also returns the run's report)."""
-        from braindino.extract.cohort import default_cache_dir, extract_cohort
-
-        features, _report = extract_cohort(self, manifest, cache_dir or default_cache_dir(self.fingerprint),
-                                           batch_size=batch_size, workers=workers, patch_tokens=patch_tokens,
-                                           progress=progress, slice_stride=slice_stride)
-        return features
-
     def model_info(self) -> dict:
         """The ``model.json`` of a features folder made with this encoder."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "preprocessing": asdict(self.preprocessing),
+        return {"name": self.name, "fingerprint": self.fingerprint, "preprocessing": self.preprocessing.to_dict(),
                 "input_size": self.input_size, "embed_dim": self.embed_dim, "patch_size": self.patch_size,
                 "grid": list(self.grid)}
 

@@ -39,11 +39,6 @@ def load_encoder(spec, device=None, like: Encoder | None = None) -> Encoder:
     return _folder_encoder(Path(text), like, device)
 
 
-def preprocessing_from_dict(values: dict) -> PreprocessConfig:
-    """A PreprocessConfig from its JSON form (lists back to tuples)."""
-    return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def _vit_args(vit) -> dict:
     """timm ``VisionTransformer`` constructor arguments that describe ``vit`` (enough to rebuild it)."""
     return dict(img_size=vit.patch_embed.img_size[0], patch_size=vit.patch_embed.patch_size[0],
@@ -66,7 +61,7 @@ def _folder_encoder(folder: Path, like: Encoder | None, device) -> Encoder:
     args = {**config.get("model_args", {}), "num_classes": 0}
     own = config.get("braindino")
     if own is not None:
-        preprocessing = preprocessing_from_dict(own["preprocessing"])
+        preprocessing = PreprocessConfig.from_dict(own["preprocessing"])
         input_size = int(config["pretrained_cfg"]["input_size"][-1])
         backbone, rebuild = ViTBackbone(vit), _rebuilder(config["architecture"], args)
     else:

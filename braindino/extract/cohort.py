@@ -15,7 +15,6 @@ folder belongs to one model (model.json): extracting another model's features in
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,11 +27,10 @@ import torch
 from tqdm import tqdm
 
 from braindino.errors import InputError
-from braindino.extract.features import (ERROR_COLUMNS, ERRORS_CSV, FEATURE_COLUMNS, INDEX_CSV, MODEL_JSON, Features,
+from braindino.extract.features import (ERRORS_CSV, FEATURE_COLUMNS, INDEX_CSV, MODEL_JSON, Features,
                                         feature_key, feature_slice_count, read_model_json, volume_file, write_table,
                                         write_volume_features)
-
-UNEXPECTED_HINT = "check that the file is an intact 3D MRI volume; report a bug if it is"
+from braindino.ingest.worker import ERROR_COLUMNS, VolumeFailure, error_record, prepare_volume, volume_failure
 
 
 def default_cache_dir(fingerprint: str) -> Path:
@@ -59,13 +57,9 @@ class ExtractReport:
                 f"{self.cached} cached){failed} in {self.seconds:.1f}s")
 
 
-def _failure(err: Exception) -> dict:
-    """A failed read as an item: status "failed", cause and hint (an exception ingest does not recognise too)."""
-    if isinstance(err, InputError):
-        return {"status": "failed", "cause": err.cause, "hint": err.hint}
-    lines = str(err).strip().splitlines()
-    cause = f"unexpected error {type(err).__name__}" + (f": {lines[0]}" if lines else "")
-    return {"status": "failed", "cause": cause, "hint": UNEXPECTED_HINT}
+def _failure(failure: VolumeFailure) -> dict:
+    """A failed read as an item: status "failed", cause and hint."""
+    return {"status": "failed", "cause": failure.cause, "hint": failure.hint}
 
 
 class _VolumeReader(torch.utils.data.Dataset):
@@ -73,7 +67,7 @@ class _VolumeReader(torch.utils.data.Dataset):
 
     A result is dict(status "cached" | "read" | "failed", key, content_hash, n_slices (cached), slices
     [S, size, size] float16 and z [S] (read; one array shared by the targets of a group), geometry (read), cause and
-    hint (failed)). ``groups``: [(preprocessing dict, [(target number, features root, model.json dict)])], one
+    hint (failed)). ``groups``: [(PreprocessConfig, [(target number, features root, model.json dict)])], one
     group per distinct preprocessing: a group's volume is read only when one of its targets has no cached file.
     Runs in DataLoader workers.
     """
@@ -92,7 +86,7 @@ class _VolumeReader(torch.utils.data.Dataset):
         try:
             digest = content_hash(row["path"])
         except Exception as err:
-            failed = _failure(err)
+            failed = _failure(volume_failure(err))
             return {"position": position, "members": {number: dict(failed) for _, targets in self.groups
                                                       for number, _, _ in targets}}
         members = {}
@@ -100,20 +94,19 @@ class _VolumeReader(torch.utils.data.Dataset):
             members.update(self._read_group(row["path"], index, digest, preprocessing, targets))
         return {"position": position, "members": members}
 
-    def _read_group(self, path, index, digest: str, preprocessing: dict, targets: list) -> dict:
+    def _read_group(self, path, index, digest: str, preprocessing, targets: list) -> dict:
         """{target number: result} for the targets of one preprocessing: cache checks, then one read if needed."""
-        from braindino.encoder.load import preprocessing_from_dict
-        from braindino.encoder.volume import ingest_source, volume_geometry
+        from braindino.encoder.volume import volume_geometry
 
         results, missing = {}, []
         for number, root, model in targets:
             try:
-                key = feature_key(model["fingerprint"], preprocessing, digest, index, self.patch_tokens,
+                key = feature_key(model["fingerprint"], preprocessing.to_dict(), digest, index, self.patch_tokens,
                                   self.slice_stride)
                 cached = root / volume_file(key)
                 n_slices = feature_slice_count(cached) if cached.is_file() else None
             except Exception as err:
-                results[number] = _failure(err)
+                results[number] = _failure(volume_failure(err))
                 continue
             if n_slices is not None:
                 results[number] = {"status": "cached", "key": key, "content_hash": digest, "n_slices": n_slices}
@@ -121,11 +114,10 @@ class _VolumeReader(torch.utils.data.Dataset):
                 missing.append((number, model, key))
         if not missing:
             return results
-        try:
-            volume, prepared = ingest_source(path, index, preprocessing_from_dict(preprocessing))
-        except Exception as err:
-            failed = _failure(err)
-            return {**results, **{number: dict(failed) for number, _, _ in missing}}
+        read = prepare_volume(path, index, preprocessing)
+        if isinstance(read, VolumeFailure):
+            return {**results, **{number: _failure(read) for number, _, _ in missing}}
+        volume, prepared = read
         step = self.slice_stride
         slices, z = prepared.slices[::step], prepared.z_indices[::step]
         for number, model, key in missing:
@@ -204,6 +196,17 @@ def _prepare_folders(targets: list) -> None:
         atomic_write_json(root / MODEL_JSON, model)
 
 
+def embed_cohort(encoder, manifest, cache_dir=None, batch_size: int = 64, workers: int = 2,
+                 patch_tokens: bool = False, progress: bool = True, slice_stride: int = 1) -> Features:
+    """Embed every volume of ``manifest`` (CSV path or ``read_manifest`` DataFrame) with ``encoder`` into the
+    features folder ``cache_dir`` (default: ``~/.cache/braindino/features/<fingerprint>``) → the opened
+    :class:`~braindino.extract.Features`. :func:`extract_cohort` also returns the run's report."""
+    features, _report = extract_cohort(encoder, manifest, cache_dir or default_cache_dir(encoder.fingerprint),
+                                       batch_size=batch_size, workers=workers, patch_tokens=patch_tokens,
+                                       progress=progress, slice_stride=slice_stride)
+    return features
+
+
 def extract_cohort(encoder, manifest, out, batch_size: int = 64, workers: int = 2, patch_tokens: bool = False,
                    progress: bool = True, slice_stride: int = 1) -> tuple[Features, ExtractReport]:
     """Embed the volumes of ``manifest`` (CSV path or ``read_manifest`` DataFrame) into the folder ``out``.
@@ -253,13 +256,11 @@ def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: 
                                                                                patch_tokens))
                for encoder, out in jobs]
     _prepare_folders([(t.root, t.model) for t in targets])
-    groups: dict[str, tuple[dict, list]] = {}
+    groups: dict = {}   # PreprocessConfig -> [(target number, root, model.json)]
     for number, target in enumerate(targets):
-        preprocessing = target.model["preprocessing"]
-        group = groups.setdefault(json.dumps(preprocessing, sort_keys=True), (preprocessing, []))
-        group[1].append((number, target.root, target.model))
+        groups.setdefault(target.encoder.preprocessing, []).append((number, target.root, target.model))
     rows = table.to_dict("records")
-    reader = _VolumeReader(rows, list(groups.values()), patch_tokens, slice_stride)
+    reader = _VolumeReader(rows, list(groups.items()), patch_tokens, slice_stride)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=max(0, workers), collate_fn=_as_is,
                                          worker_init_fn=_worker_init if workers > 0 else None)
     bar = tqdm(total=len(rows) * len(targets), desc="extract" if len(targets) == 1 else
@@ -279,9 +280,7 @@ def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: 
         for number, result in sorted(item["members"].items()):
             target = targets[number]
             if result["status"] == "failed":
-                target.report.errors.append({"path": row["path"], "subject": row["subject"],
-                                             "sequence": row.get("sequence", ""), "cause": result["cause"],
-                                             "hint": result["hint"]})
+                target.report.errors.append(error_record(row, VolumeFailure(result["cause"], result["hint"])))
                 if (result["cause"], result["hint"]) not in printed:
                     printed.add((result["cause"], result["hint"]))
                     bar.write(f"error: {row['path']}: {result['cause']} — {result['hint']}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Reading MRI volumes (NIfTI, DICOM, MHA/MHD, NRRD/NHDR) and turning them into normalised axial slices."""
 
-from braindino.ingest.preprocess import PreprocessConfig, PreprocessedVolume, foreground_mask, preprocess_volume
+from braindino.ingest.config import PreprocessConfig
+from braindino.ingest.preprocess import PreprocessedVolume, foreground_mask, preprocess_volume
 from braindino.ingest.readers import Volume, content_hash, load_volume
 
 __all__ = [

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from braindino.errors import InputError
+from braindino.ingest.config import FOREGROUND_METHODS, PreprocessConfig
 from braindino.ingest.readers import Volume
 
-FOREGROUND_METHODS = ("auto", "nonzero", "otsu")
 AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" considers "nonzero" only with at least this share of exact zeros
 AUTO_AIR_LEVEL = 0.05   # "air": below this share of the 99th percentile of the non-zero voxels' magnitudes
 IN_PLANE_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
@@ -28,30 +28,6 @@ MAX_RESAMPLED_SIDE_IN_SIZES = 4        # a resampled in-plane side longer than 4
 MAX_IN_PLANE_EXTENT_MM = 600.0         # no head is this wide; larger extents come from voxel sizes in wrong units
 UNITS_HINT = ("check the voxel size and its units in the header (NIfTI pixdim and xyzt_units: metres or microns "
               "instead of mm?) and fix them or re-export the image")
-
-
-@dataclass
-class PreprocessConfig:
-    """How volumes become slices; see the module docstring for the pipeline."""
-
-    spacing_mm: float = 1.0
-    size: int = 224
-    foreground: str = "auto"
-    clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    min_foreground_fraction: float = 0.05
-
-    def __post_init__(self):
-        low, high = self.clip_percentiles
-        if not self.spacing_mm > 0:
-            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
-        if self.size < 1:
-            raise ValueError(f"size must be at least 1, got {self.size}")
-        if self.foreground not in FOREGROUND_METHODS:
-            raise ValueError(f"foreground must be one of {FOREGROUND_METHODS}, got {self.foreground!r}")
-        if not 0 <= low < high <= 100:
-            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
-        if not 0 <= self.min_foreground_fraction <= 1:
-            raise ValueError(f"min_foreground_fraction must be in [0, 1], got {self.min_foreground_fraction}")
 
 
 @dataclass

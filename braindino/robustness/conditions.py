@@ -8,13 +8,9 @@ exception. Only one condition's features are held in memory at a time.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import pandas as pd
 import torch
-
-from braindino.errors import InputError
 
 
 class PerturbedReader(torch.utils.data.Dataset):
@@ -31,19 +27,20 @@ class PerturbedReader(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, position: int) -> dict:
+        from functools import partial
+
         from braindino.encoder.volume import volume_geometry
-        from braindino.ingest import load_volume, preprocess_volume
+        from braindino.ingest.worker import VolumeFailure, prepare_volume
         from braindino.robustness.perturbations import perturb_volume
 
         record = self.records[position]
         index = None if pd.isna(record.get("volume_index")) else int(record["volume_index"])
-        try:
-            volume = load_volume(record["path"], index)
-            perturbed = perturb_volume(volume, self.perturbation, self.severity, self.seed,
-                                       key=f"{record['path']}#{index}")
-            prepared = preprocess_volume(perturbed, self.preprocessing)
-        except InputError as err:
-            return {"row": record["row"], "cause": err.cause, "hint": err.hint}
+        perturb = partial(perturb_volume, perturbation=self.perturbation, severity=self.severity, seed=self.seed,
+                          key=f"{record['path']}#{index}")
+        read = prepare_volume(record["path"], index, self.preprocessing, perturb=perturb)
+        if isinstance(read, VolumeFailure):
+            return {"row": record["row"], "cause": read.cause, "hint": read.hint}
+        volume, prepared = read
         step = self.slice_stride
         return {"row": record["row"], "slices": prepared.slices[::step], "z": prepared.z_indices[::step],
                 "geometry": volume_geometry(volume, prepared, self.input_size, self.grid)}
@@ -79,9 +76,9 @@ def embed_condition(encoders: list[dict], manifest: pd.DataFrame, rows: list[int
     label = f"{perturbation}={severity:g}"
     paths = {row: str(manifest.at[row, "path"]) for row in rows}
     features = {entry["name"]: ConditionFeatures(label, paths) for entry in encoders}
-    groups: dict[str, list[dict]] = {}
+    groups: dict = {}   # PreprocessConfig -> encoders that share it
     for entry in encoders:
-        groups.setdefault(repr(asdict(entry["encoder"].preprocessing)), []).append(entry)
+        groups.setdefault(entry["encoder"].preprocessing, []).append(entry)
     records = [{"row": row, **manifest.loc[row].to_dict()} for row in rows]
     errors = {}
     for members in groups.values():

@@ -107,6 +107,7 @@ def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: 
     from braindino.probe.endpoints import build_table, restrict
     from braindino.probe.evaluate import quiet_expected_warnings
     from braindino.probe.fitting import fit_head, make_head
+    from braindino.extract import embed_cohort
     from braindino.probe.inputs import feature_rows
     from braindino.robustness.evaluate import sample_inputs
 
@@ -119,7 +120,7 @@ def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: 
     rows = sorted({row for i in training for row in table.rows[i].values()})
     used = manifest.loc[rows]
     used.attrs.update(manifest.attrs)
-    features = encoder.embed_cohort(used, cache_dir=features_dir, batch_size=batch_size, workers=workers,
+    features = embed_cohort(encoder, used, cache_dir=features_dir, batch_size=batch_size, workers=workers,
                                     slice_stride=slice_stride)
     found = feature_rows(features, used)
     table = restrict(table, set(found), "not embedded")

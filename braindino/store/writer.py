@@ -27,7 +27,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +38,13 @@ from tqdm import tqdm
 
 from braindino.atomic import atomic_path
 from braindino.errors import InputError, OutputError, write_error
-from braindino.ingest.preprocess import PreprocessConfig, preprocess_volume
-from braindino.ingest.readers import content_hash, load_volume
+from braindino.ingest.config import PreprocessConfig
+from braindino.ingest.readers import content_hash
+from braindino.ingest.worker import ERROR_COLUMNS, VolumeFailure, error_record, prepare_volume, volume_failure
 from braindino.manifest import find_duplicate_rows, read_manifest
 from braindino.store.format import (DEFAULT_SHARD_BYTES, ERRORS_CSV, LOCK_FILE, PIXEL_DTYPE, RESERVED_COLUMNS,
                                     SHARDS_DIR, STORE_JSON, StoreBuilder, read_meta, volume_key)
 
-ERROR_COLUMNS = ["path", "subject", "sequence", "cause", "hint"]
-UNEXPECTED_HINT = ("check that the file opens in an image viewer; if it does, report this error type to the "
-                   "braindino maintainers")
 DUPLICATE_CAUSE = "duplicate manifest row (same path and volume_index as an earlier row)"
 DUPLICATE_HINT = "remove the repeated row; the first one was processed"
 DROPPED_SHOWN = 3
@@ -117,19 +115,17 @@ def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
     (content_hash, volume_index) pairs of orphans: a file matching one is not read further ("moved")."""
     try:
         digest = content_hash(task.path)
-        if digest == task.stored_hash:
-            return _Outcome(task.position, "unchanged")
-        if (digest, task.volume_index) in moved_hashes:
-            return _Outcome(task.position, "moved", columns={"content_hash": digest})
-        volume = load_volume(task.path, task.volume_index)
-        prepared = preprocess_volume(volume, task.config)
-    except InputError as err:
-        return _Outcome(task.position, "failed", cause=err.cause, hint=err.hint)
-    except Exception as err:  # a reader or filter failing in a way ingest does not recognise
-        lines = str(err).strip().splitlines()
-        detail = f": {lines[0]}" if lines else ""
-        return _Outcome(task.position, "failed", cause=f"unexpected error {type(err).__name__}{detail}",
-                        hint=UNEXPECTED_HINT)
+    except Exception as err:
+        failure = volume_failure(err)
+        return _Outcome(task.position, "failed", cause=failure.cause, hint=failure.hint)
+    if digest == task.stored_hash:
+        return _Outcome(task.position, "unchanged")
+    if (digest, task.volume_index) in moved_hashes:
+        return _Outcome(task.position, "moved", columns={"content_hash": digest})
+    result = prepare_volume(task.path, task.volume_index, task.config)
+    if isinstance(result, VolumeFailure):
+        return _Outcome(task.position, "failed", cause=result.cause, hint=result.hint)
+    volume, prepared = result
     columns = {
         "content_hash": digest,
         "spacing_x": prepared.spacing[0], "spacing_y": prepared.spacing[1], "spacing_z": prepared.spacing[2],
@@ -176,8 +172,7 @@ def _outcomes(tasks: list[_Task], workers: int, moved_hashes: frozenset):
 
 def _report_failure(report: PrepareReport, row: dict, cause: str, hint: str, print_line) -> None:
     """Record one failed manifest row in ``report.errors`` and print its one-line explanation."""
-    report.errors.append({"path": row["path"], "subject": row.get("subject", ""),
-                          "sequence": row.get("sequence", ""), "cause": cause, "hint": hint})
+    report.errors.append(error_record(row, VolumeFailure(cause, hint)))
     print_line(f"{row['path']}: {cause} — {hint}")
 
 
@@ -275,7 +270,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
 
 def _build(out_dir: Path, rows: list, duplicates: set, config: PreprocessConfig, workers: int, shard_bytes: int,
            progress: bool, report: PrepareReport) -> None:
-    with StoreBuilder(out_dir, asdict(config), config.size, config.size, shard_bytes) as builder:
+    with StoreBuilder(out_dir, config.to_dict(), config.size, config.size, shard_bytes) as builder:
         orphans = _orphans_by_content(builder, {volume_key(row["path"], row.get("volume_index")) for row in rows})
         taken_over: set = set()
         tasks = []
