@@ -28,7 +28,7 @@ def sklearn_classification(y, prob):
         balanced = balanced_accuracy_score(y, prob.argmax(1))
     auc = (roc_auc_score(y, prob[:, 1]) if prob.shape[1] == 2 else
            roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=labels))
-    f1 = f1_score(y, prob.argmax(1), labels=labels, average="macro", zero_division=0.0)
+    f1 = f1_score(y, prob.argmax(1), average="macro")           # sklearn's default label set
     return {"balanced_accuracy": balanced, "auc": auc, "f1_macro": f1}
 
 
@@ -85,7 +85,8 @@ def test_ci_contains_point_and_shrinks_with_n():
     for n in (40, 400):
         pred = classification_set(n, signal=1.5)
         ci = M.score_with_ci("classification", pred, M.bootstrap_indices(n, 300, 0))
-        for value, low, high in ci.values():
+        for value, low, high, n_valid in ci.values():
+            assert n_valid == 300
             assert low <= value <= high
         widths.append(ci["balanced_accuracy"][2] - ci["balanced_accuracy"][1])
     assert widths[1] < widths[0] / 2            # ~1/sqrt(n): a 10x larger cohort gives a ~3x narrower interval
@@ -95,8 +96,8 @@ def test_logrank_has_no_ci():
     rng = np.random.default_rng(1)
     risk = rng.normal(size=30)
     pred = {"time": rng.uniform(1, 9, 30), "event": rng.random(30) < 0.7, "risk": risk, "high_risk": risk > 0}
-    value, low, high = M.score_with_ci("survival", pred, M.bootstrap_indices(30, 50, 0))["logrank_p"]
-    assert np.isfinite(value) and low is None and high is None
+    value, low, high, n_valid = M.score_with_ci("survival", pred, M.bootstrap_indices(30, 50, 0))["logrank_p"]
+    assert np.isfinite(value) and low is None and high is None and n_valid == 0
 
 
 def test_paired_bootstrap_small_p_for_better_model_large_for_identical():
@@ -132,3 +133,50 @@ def test_metric_names_match_compute(task):
              "survival": {"time": np.arange(1.0, 7), "event": np.array([1, 0, 1, 1, 0, 1], bool),
                           "risk": -np.arange(6.0), "high_risk": np.arange(6) < 3}}
     assert list(M.compute_metrics(task, preds[task])) == M.metric_names(task)
+
+
+def test_logrank_with_zero_variance_is_nan_not_a_crash():
+    """sksurv's compare_survival raises LinAlgError (singular matrix) here: the only event is the last time."""
+    pred = {"time": np.array([42.0, 20.0]), "event": np.array([1, 0], bool), "risk": np.array([0.0, 1.0]),
+            "high_risk": np.array([0, 1], bool)}
+    with pytest.raises(np.linalg.LinAlgError):
+        compare_survival(Surv.from_arrays(pred["event"], pred["time"]), pred["high_risk"].astype(int))
+    got = M.compute_metrics("survival", pred)
+    assert np.isnan(got["logrank_p"]) and np.isnan(got["c_index"])          # no comparable pair either
+
+
+def test_macro_f1_of_a_perfect_classifier_is_one_when_a_class_is_absent():
+    pred = {"y_true": np.array([0, 1, 0, 1]), "prob": np.eye(3)[[0, 1, 0, 1]]}     # class 2 neither true nor predicted
+    assert M.compute_metrics("classification", pred)["f1_macro"] == 1.0
+    assert f1_score(pred["y_true"], pred["prob"].argmax(1), average="macro") == 1.0
+
+
+def test_rank_metrics_are_computed_within_folds_and_averaged():
+    """Two folds whose heads score on different scales: pooled ranking mixes them, within-fold ranking does not."""
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 20)
+    fold = np.repeat([0, 1], 20)
+    score = 2.0 * y + rng.normal(0, 0.5, 40) + 3.0 * fold              # fold 1 scores on a higher scale
+    prob = np.c_[1 - 1 / (1 + np.exp(-score)), 1 / (1 + np.exp(-score))]
+    pred = {"y_true": y, "prob": prob, "fold": fold}
+    expected = np.mean([roc_auc_score(y[fold == k], prob[fold == k, 1]) for k in (0, 1)])
+    got = M.compute_metrics("classification", pred)["auc"]
+    assert got == pytest.approx(expected, rel=1e-12) and got > roc_auc_score(y, prob[:, 1]) + 0.1
+    time, event = rng.uniform(1, 20, 40), rng.random(40) < 0.7
+    risk = -time / 10 + rng.normal(0, 0.3, 40) + 5.0 * fold * rng.random(40)
+    survival = {"time": time, "event": event, "risk": risk, "high_risk": risk > 0, "fold": fold}
+    expected = np.mean([concordance_index_censored(event[fold == k], time[fold == k], risk[fold == k])[0]
+                        for k in (0, 1)])
+    assert M.compute_metrics("survival", survival)["c_index"] == pytest.approx(expected, rel=1e-12)
+    assert M.compute_metrics("classification", {**pred, "fold": np.zeros(40, int)})["auc"] == \
+        pytest.approx(roc_auc_score(y, prob[:, 1]), rel=1e-12)
+
+
+def test_valid_resamples_are_counted():
+    """A rare class: resamples without it have no AUC; the count says how many the interval rests on."""
+    y = np.array([0] * 18 + [1] * 2)
+    pred = {"y_true": y, "prob": np.c_[1 - y * 0.8 - 0.1, y * 0.8 + 0.1]}
+    draws = M.bootstrap_indices(20, 400, 0)
+    got = M.score_with_ci("classification", pred, draws)
+    expected = sum(len(np.unique(y[index])) == 2 for index in draws)
+    assert got["auc"][3] == expected < 400 and got["balanced_accuracy"][3] == 400

@@ -1,7 +1,8 @@
 """Endpoint metrics, subject-bootstrap CIs and paired bootstrap tests.
 
 Classification and MAE are computed with numpy from class counts and ranks (the bootstrap evaluates them thousands of
-times per cell, and scikit-learn's input handling took ~8 ms a call); tests hold them equal to scikit-learn's.
+times per cell, and scikit-learn's input handling took ~8 ms a call); tests hold them equal to scikit-learn's
+(macro F1 over scikit-learn's default label set: the classes present in the truth or the prediction).
 The C-index and log-rank test are scikit-survival's, Pearson's r is scipy's.
 
 A *prediction set* is a dict of per-sample arrays, one row per test sample (a subject, or one volume of a subject
@@ -14,15 +15,22 @@ with the volume unit; index ``i`` = sample ``i``):
 - segmentation:   ``dice`` [n, L] float, per-subject Dice of each foreground label (NaN where the label is absent
                   from both the true and the predicted mask); ``labels`` [L] int
 
+Optional in every task: ``fold`` [n] int, the CV fold whose head predicted the sample. Rank metrics (AUC, C-index)
+are then computed within each fold and averaged over the folds: five heads fitted on different training folds put
+their scores on different scales, and ranking pooled scores across them biases AUC and C-index towards 0.5.
+
 Bootstrap resamples subjects with replacement, each drawn subject bringing all its samples (a cluster bootstrap;
 ``cluster_bootstrap_indices``); the same seeded draws serve every encoder, so tests are paired. A resample where a
-metric is undefined (e.g. one class only) is left out of that metric's interval.
+metric is undefined (e.g. one class only) is left out of that metric's interval, and counted: ``score_with_ci``
+returns the number of valid resamples per metric. These intervals are CONDITIONAL on the fitted heads: they show
+how much the score would move with other test subjects, not with other training subjects.
 """
 
 import warnings
 
 import numpy as np
 import sklearn
+from numpy.linalg import LinAlgError
 from scipy.stats import pearsonr, rankdata
 from sklearn.metrics import f1_score
 from sksurv.compare import compare_survival
@@ -93,21 +101,21 @@ def cluster_bootstrap_indices(groups, n_resamples: int, seed: int) -> list[np.nd
 
 
 def score_with_ci(task: str, pred: dict, draws, confidence: float = 0.95) -> dict[str, tuple]:
-    """{metric: (value, low, high)}: point estimate on all samples and percentile bootstrap CI over ``draws``
-    ([B, n] or a list of B index arrays); low/high are None for metrics without a CI (logrank_p) or when every
-    resample was undefined."""
+    """{metric: (value, low, high, n_valid)}: point estimate on all samples and percentile bootstrap CI over
+    ``draws`` ([B, n] or a list of B index arrays); ``n_valid`` resamples had the metric defined (the CI is theirs);
+    low/high are None (and n_valid 0) for metrics without a CI (logrank_p) or when every resample was undefined."""
     point = compute_metrics(task, pred)
     names = [name for name in point if name not in NOT_BOOTSTRAPPED]
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):   # inputs checked once above
         samples = np.array([list(compute_metrics(task, pred, index, names).values()) for index in draws])
     samples = samples.reshape(len(draws), len(names))
-    result = {name: (point[name], None, None) for name in point}
+    result = {name: (point[name], None, None, 0) for name in point}
     for column, name in enumerate(names):
         values = samples[:, column]
         values = values[np.isfinite(values)]
         if len(values):
             low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
-            result[name] = (point[name], float(low), float(high))
+            result[name] = (point[name], float(low), float(high), int(len(values)))
     return result
 
 
@@ -153,7 +161,24 @@ def _balanced_accuracy(pred: dict) -> float:
     return float(np.mean(correct[present] / support[present]))
 
 
+def _within_folds(metric, pred: dict) -> float:
+    """``metric`` on each CV fold's samples (``pred["fold"]``), averaged over the folds where it is defined; the
+    metric on all samples when there is no fold key or a single fold. NaN when no fold has it defined."""
+    fold = pred.get("fold")
+    if fold is None or len(fold) == 0 or np.all(fold == fold[0]):
+        return metric(pred)
+    values = [metric({key: value[fold == k] for key, value in pred.items() if key != "labels"})
+              for k in np.unique(fold)]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _auc(pred: dict) -> float:
+    """ROC AUC within folds (see ``_within_folds``) of ``_pooled_auc``."""
+    return _within_folds(_pooled_auc, pred)
+
+
+def _pooled_auc(pred: dict) -> float:
     """ROC AUC (binary: of class 1; more classes: one-vs-rest macro mean), as the Mann-Whitney statistic with tied
     scores counted one half, which is sklearn's ``roc_auc_score``; NaN when a class is absent from ``y_true``."""
     y_true, prob = pred["y_true"], pred["prob"]
@@ -172,12 +197,12 @@ def _mann_whitney_auc(positive: np.ndarray, score: np.ndarray) -> float:
 
 
 def _f1_macro(pred: dict) -> float:
-    """Mean over all classes of F1 = 2 TP / (2 TP + FP + FN), 0 for a class neither true nor predicted (sklearn's
-    ``f1_score(average="macro", zero_division=0)`` with every class as a label)."""
+    """Mean of F1 = 2 TP / (2 TP + FP + FN) over the classes present in ``y_true`` or predicted: sklearn's
+    ``f1_score(average="macro")`` with its default label set (a class absent from both is not counted, so a
+    perfect classifier scores 1 on a resample that lacks a class)."""
     support, predicted, correct = _class_counts(pred)
-    denominator = support + predicted
-    f1 = np.divide(2 * correct, denominator, out=np.zeros(len(support)), where=denominator > 0)
-    return float(f1.mean())
+    present = support + predicted > 0
+    return float(np.mean(2 * correct[present] / (support + predicted)[present]))
 
 
 def _mae(pred: dict) -> float:
@@ -192,6 +217,11 @@ def _pearson_r(pred: dict) -> float:
 
 
 def _c_index(pred: dict) -> float:
+    """Harrell's C-index within folds (see ``_within_folds``)."""
+    return _within_folds(_pooled_c_index, pred)
+
+
+def _pooled_c_index(pred: dict) -> float:
     event = pred["event"].astype(bool)
     if not event.any():
         return float("nan")                      # all censored: no comparable pair
@@ -206,7 +236,10 @@ def _logrank_p(pred: dict) -> float:
     if not event.any() or high.all() or not high.any():
         return float("nan")                      # one risk group only, or no event
     structured = np.array(list(zip(event, pred["time"])), dtype=[("event", bool), ("time", float)])
-    return compare_survival(structured, high.astype(int))[1]
+    try:
+        return compare_survival(structured, high.astype(int))[1]
+    except LinAlgError:                          # zero log-rank variance (e.g. the only event at the last time):
+        return float("nan")                      # no test statistic exists
 
 
 _METRIC_FUNCTIONS = {"balanced_accuracy": _balanced_accuracy, "auc": _auc, "f1_macro": _f1_macro, "mae": _mae,
