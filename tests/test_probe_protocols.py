@@ -68,6 +68,20 @@ def test_fractions_and_shots_come_from_training_only():
     assert not np.array_equal(shots, subsample(train, stratum, Setting("shot", 5), 4, True))
 
 
+def test_training_subsets_are_nested_across_sizes():
+    """One permutation per (seed, fold, stratum): every smaller fraction or shot count is a prefix of a larger."""
+    data = cohort(40)
+    table = build_table(data, EndpointSpec("dx", "classification", target="dx"))
+    settings = parse_settings([10, 25, 50, 100], [1, 3, 5])
+    plan = plan_endpoint(table, settings, [0, 1], 5, True, "m")
+    for seed in (0, 1):
+        for k in range(5):
+            subsets = [set(plan.subsets[(s.name, seed)][k].tolist()) for s in settings]
+            for chain in (subsets[:4], subsets[4:]):                 # fractions ascending; shots ascending
+                for smaller, larger in zip(chain, chain[1:]):
+                    assert smaller < larger
+
+
 def test_regression_strata_are_quartiles():
     s = strata("regression", {"value": np.arange(100.0)})
     assert np.bincount(s).tolist() == [25, 25, 25, 25]

@@ -90,7 +90,7 @@ def plan_endpoint(table, settings: list[Setting], seeds: list[int], n_folds: int
         kept.append(setting)
         for seed in seeds:
             subsets[(setting.name, seed)] = [
-                subsample(fold.train, stratum, setting, _subset_seed(seed, k, setting), task == "classification")
+                subsample(fold.train, stratum, setting, _subset_seed(seed, k), task == "classification")
                 for k, fold in enumerate(folds[seed])]
     return Plan(folds, subsets, kept, notes)
 
@@ -117,9 +117,9 @@ def _infeasible(table, stratum, folds, setting: Setting) -> str | None:
     return None
 
 
-def _subset_seed(seed: int, fold: int, setting: Setting) -> int:
-    return int(np.random.SeedSequence([seed, fold, int(setting.kind == "shot"),
-                                       int(round(setting.amount * 1000))]).generate_state(1)[0])
+def _subset_seed(seed: int, fold: int) -> int:
+    """The permutation seed of one (seed, fold): shared by every setting, so training subsets are nested."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
 
 
 def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int,

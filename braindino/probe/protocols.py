@@ -8,7 +8,8 @@ subject, so a subject — and every volume of it — is always wholly in trainin
   else subject-grouped stratified k-fold CV (``StratifiedGroupKFold`` grouped by subject, shuffled by the seed).
 - ``subsample``: a training fraction (stratified, ≥ 1 sample per class for classification) or k shots per class,
   drawn from the fold's training part only (so from training subjects only; volumes of a training subject may be
-  drawn apart).
+  drawn apart). Sizes are nested: one permutation per (seed, fold, stratum), every setting takes a prefix of it, so
+  the 10 % subset lies inside the 25 % subset, 1-shot inside 5-shot, and a learning curve compares like with like.
 """
 
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def subsample(train: np.ndarray, stratum: np.ndarray | None, setting: Setting, s
 
     fraction: round(percent/100 × n) samples drawn per stratum in proportion (largest remainders), ≥ 1 per stratum
     when ``at_least_one_per_stratum`` (classification), ≥ 2 overall; shot: ``amount`` samples of every class
-    (``stratum`` = class codes; the caller checked there are enough).
+    (``stratum`` = class codes; the caller checked there are enough). Each stratum's samples are permuted once by
+    ``seed`` (the same for every setting of a fold) and the first ones taken: smaller settings are subsets of
+    larger ones.
     """
     rng = np.random.default_rng(seed)
     if setting.kind == "fraction" and setting.amount >= 100:
@@ -96,8 +99,8 @@ def subsample(train: np.ndarray, stratum: np.ndarray | None, setting: Setting, s
         take = _proportional(counts, total)
         if at_least_one_per_stratum:
             take = np.maximum(take, 1)
-    chosen = [rng.choice(train[groups == value], size=min(k, c), replace=False)
-              for value, k, c in zip(values, take, counts)]
+    orders = [rng.permutation(train[groups == value]) for value in values]      # one per stratum, setting-free
+    chosen = [order[:min(k, c)] for order, k, c in zip(orders, take, counts)]
     return np.sort(np.concatenate(chosen))
 
 
