@@ -72,8 +72,8 @@ def test_logistic_head_picks_C_like_an_explicit_grid_search_and_refits_on_all_da
 
 
 def test_inner_folds_follow_the_smallest_class_and_fall_back_when_a_class_is_single():
-    assert inner_folds(np.array([0] * 10 + [1] * 3), 5, 0).get_n_splits() == 3
-    assert inner_folds(np.array([0] * 10 + [1] * 30), 5, 0).get_n_splits() == 5
+    assert len(inner_folds(np.array([0] * 10 + [1] * 3), 5, 0)) == 3
+    assert len(inner_folds(np.array([0] * 10 + [1] * 30), 5, 0)) == 5
     assert inner_folds(np.array([0] * 10 + [1]), 5, 0) is None
     rng = np.random.default_rng(2)
     X = rng.normal(size=(12, 4))

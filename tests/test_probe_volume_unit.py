@@ -158,10 +158,10 @@ def test_cis_and_paired_test_resample_subjects():
     groups = np.repeat([f"s{i:02d}" for i in range(n)], k)
     got = score_cell("classification", volume_preds[0], groups, 200, 0.95)
     assert got == M.score_with_ci("classification", subject_preds[0], M.bootstrap_indices(n, 200, BOOTSTRAP_SEED))
-    result = SimpleNamespace(settings=["100%"], headline="balanced_accuracy")
+    result = SimpleNamespace(settings=["100%"], headline="balanced_accuracy", protocol="split")
     by_cell = {("m", "100%", 0): volume_preds[0], ("b", "100%", 0): volume_preds[1]}
     (comparison,) = compare("classification", result, [{"name": "m"}, {"name": "b"}], [0], by_cell, groups, 200,
-                            0.95, 1)
+                            0.95, 1, BOOTSTRAP_SEED + 1)
     expected = M.paired_bootstrap("classification", "balanced_accuracy", subject_preds[:1], subject_preds[1:],
                                   M.bootstrap_indices(n, 200, BOOTSTRAP_SEED + 1))
     assert (comparison.difference, comparison.low, comparison.high, comparison.p_value) == expected
@@ -181,7 +181,8 @@ def test_brain_age_correction_wraps_head_and_fits_on_training_only(tmp_path):
     age = rng.uniform(20, 80, 60)
     X = np.c_[age + rng.normal(0, 8, 60), rng.normal(size=(60, 3))]
     train, test = np.arange(40), np.arange(40, 60)
-    pred = fit_predict("regression", estimator, X, {"value": age}, train, test)
+    pred, notes = fit_predict("regression", estimator, X, {"value": age}, train, test)
+    assert notes == []
     reference = heads.BrainAgeCorrection(heads.make_linear_head("regression", random_state=0)).fit(X[train], age[train])
     np.testing.assert_allclose(pred["y_pred"], reference.predict(X[test]), rtol=1e-12)
     with pytest.raises(InputError, match="brain-age correction wraps"):

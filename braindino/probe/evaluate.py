@@ -1,10 +1,15 @@
 """Run one endpoint's protocol for every encoder on the same splits: fit heads, predict, score, compare.
 
 A *cell* is (encoder, setting, seed): the head is fitted on each fold's training subset and predicts that fold's
-test samples; the folds' predictions are pooled and put in sample-table order, so every encoder, seed and
-setting of an endpoint is scored on the same samples in the same order (CV: all samples; split: the test
-samples), which makes the bootstrap paired. The bootstrap draws subjects (all of a drawn subject's samples come
-along). Cells run in parallel worker processes (joblib).
+test samples; the folds' predictions are pooled and put in sample-table order (each sample keeps its ``fold``, so
+rank metrics are computed within folds), so every encoder, seed and setting of an endpoint is scored on the same
+samples in the same order (CV: all samples; split: the test samples). Each cell is also scored per fold (the
+corrected resampled t-test of ``compare`` uses those values). The bootstrap draws subjects (all of a drawn
+subject's samples come along). Cells run in parallel worker processes (joblib).
+
+Cells are flagged when their numbers mean little: fewer than ``MIN_TEST_SUBJECTS`` test subjects or
+``MIN_PER_CLASS`` of a class (events for survival) in a test fold, or fewer than ``MIN_TRAIN_SUBJECTS`` training
+subjects. A bootstrap CI resting on fewer than ``MIN_VALID_SHARE`` of its resamples gets a note.
 """
 
 import contextlib
@@ -20,11 +25,17 @@ from threadpoolctl import threadpool_limits
 
 from braindino.errors import InputError
 from braindino.probe import metrics as M
+from braindino.probe.compare import INTERVALS, aggregate, compare, fold_values, held_out_ratio
 from braindino.probe.fitting import fit_predict, head_parameters, make_head, select
 from braindino.probe.protocols import Setting, make_folds, strata, subsample
-from braindino.probe.results import Aggregate, Comparison, EndpointResult, MetricValue, Score
+from braindino.probe.results import EndpointResult, MetricValue, Score
+from braindino.probe.stats import clopper_pearson
 
 BOOTSTRAP_SEED = 20240
+MIN_TEST_SUBJECTS = 20
+MIN_PER_CLASS = 5
+MIN_TRAIN_SUBJECTS = 10
+MIN_VALID_SHARE = 0.9
 
 
 @dataclass
@@ -123,14 +134,19 @@ def _subset_seed(seed: int, fold: int) -> int:
 
 
 def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int,
-             attention: bool = False) -> dict:
-    """Fit + predict every fold of one cell → dict(pred: prediction set in sample order, positions [m],
-    fold_names [m], head_parameters, n_train (mean over folds); with ``attention`` (MIL heads) also
-    attention: [m] arrays [S_i] of slice weights, in the same order)."""
-    parts, positions, names, sizes, weights, n_head = [], [], [], [], [], 0
-    for fold, train in zip(folds, subsets):
+             attention: bool = False, groups=None) -> dict:
+    """Fit + predict every fold of one cell → dict(pred: prediction set in sample order with ``fold`` [m] (the
+    fold index), positions [m], fold_names [m], head_parameters, n_train (mean over folds), notes [str]; with
+    ``attention`` (MIL heads) also attention: [m] arrays [S_i] of slice weights, in the same order).
+    ``groups`` [n] (the subject of every sample; volume unit): routed into every head's inner search."""
+    parts, positions, names, sizes, weights, notes, n_head = [], [], [], [], [], [], 0
+    for k, (fold, train) in enumerate(zip(folds, subsets)):
         estimator = make_head(task, spec, seed)
-        parts.append(fit_predict(task, estimator, inputs, y, train, fold.test, n_classes))
+        part, fold_notes = fit_predict(task, estimator, inputs, y, train, fold.test, n_classes,
+                                       None if groups is None else groups[train])
+        part["fold"] = np.full(len(fold.test), k)
+        parts.append(part)
+        notes += [f"{fold.name}: {note}" for note in fold_notes]
         n_head = head_parameters(estimator)
         if attention:
             weights += estimator.attention(select(inputs, fold.test))
@@ -141,17 +157,55 @@ def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: 
     order = np.argsort(positions, kind="stable")
     pred = {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
     output = {"pred": pred, "positions": positions[order], "fold_names": np.array(names)[order],
-              "head_parameters": n_head, "n_train": float(np.mean(sizes))}
+              "head_parameters": n_head, "n_train": float(np.mean(sizes)), "notes": notes}
     if attention:
         output["attention"] = [weights[i] for i in order]
     return output
 
 
 def score_cell(task: str, pred: dict, groups: np.ndarray, n_bootstrap: int, confidence: float) -> dict:
-    """{metric: (value, low, high)} with the endpoint-wide seeded subject-bootstrap draws (``groups`` [m]: the
-    subject of each predicted sample)."""
+    """{metric: (value, low, high, n_valid)} with the endpoint-wide seeded subject-bootstrap draws (``groups`` [m]:
+    the subject of each predicted sample). Balanced accuracy on a small test set (see ``flags``): the interval
+    widened to hold the Clopper–Pearson interval of balanced accuracy × subjects successes among the subjects,
+    where a percentile bootstrap collapses (8 perfectly classified subjects: [1.00, 1.00]; exact: [0.63, 1])."""
     draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED)
-    return M.score_with_ci(task, pred, draws, confidence)
+    scores = M.score_with_ci(task, pred, draws, confidence)
+    n_subjects = len(set(groups.tolist()))
+    value, low, high, n_valid = scores.get("balanced_accuracy", (None,) * 4)
+    if value is not None and np.isfinite(value) and _small_test(task, pred, groups):
+        exact_low, exact_high = clopper_pearson(value * n_subjects, n_subjects, confidence)
+        scores["balanced_accuracy"] = (value, min(exact_low, low if low is not None else 1.0),
+                                       max(exact_high, high if high is not None else 0.0), n_valid)
+    return scores
+
+
+def _small_test(task: str, pred: dict, groups: np.ndarray) -> str | None:
+    """Why the smallest test fold of a cell is too small to mean much, or None."""
+    fold = pred.get("fold", np.zeros(len(groups), dtype=int))
+    for k in np.unique(fold):
+        inside = fold == k
+        n = len(set(groups[inside].tolist()))
+        if n < MIN_TEST_SUBJECTS:
+            return f"small test set: {n} subjects (< {MIN_TEST_SUBJECTS})"
+        if task == "classification":
+            counts = [len(set(groups[inside & (pred["y_true"] == c)].tolist())) for c in range(pred["prob"].shape[1])]
+            if min(counts) < MIN_PER_CLASS:
+                return f"small test set: {min(counts)} subject(s) of a class (< {MIN_PER_CLASS})"
+        if task == "survival" and len(set(groups[inside & pred["event"]].tolist())) < MIN_PER_CLASS:
+            return f"small test set: fewer than {MIN_PER_CLASS} events"
+    return None
+
+
+def cell_flags(task: str, pred: dict, groups: np.ndarray, subjects: np.ndarray, subsets) -> list[str]:
+    """The flags of one cell (``subsets``: its per-fold training positions; ``subjects`` [n] of every sample)."""
+    flags = []
+    small = _small_test(task, pred, groups)
+    if small:
+        flags.append(small)
+    fewest = min(len(set(subjects[s].tolist())) for s in subsets)
+    if fewest < MIN_TRAIN_SUBJECTS:
+        flags.append(f"small training set: {fewest} subjects (< {MIN_TRAIN_SUBJECTS})")
+    return flags
 
 
 def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int], n_bootstrap: int,
@@ -163,11 +217,12 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
     """
     spec, task = table.spec, table.spec.task
     n_classes = len(table.classes) if table.classes else None
+    grouped = table.subjects if len(set(table.subjects.tolist())) < len(table.subjects) else None
     cells = [(encoder, setting, seed) for encoder in encoders for setting in plan.settings for seed in seeds]
     jobs = (delayed(_cell_job)(task, spec, encoder["inputs"], table.y, table.subjects, plan.folds[seed],
                                plan.subsets[(setting.name, seed)], n_classes, seed, n_bootstrap, confidence,
                                spec.pooling == "mil" and encoder is encoders[0] and seed == seeds[0]
-                               and setting == Setting("fraction", 100.0), os.getpid())
+                               and setting == Setting("fraction", 100.0), os.getpid(), grouped)
             for encoder, setting, seed in cells)
     outputs = []
     for output in Parallel(n_jobs=workers, return_as="generator")(jobs):
@@ -176,35 +231,74 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
         outputs.append(output)
         progress.update(1)
     metric_names = M.metric_names(task)
+    protocol = "cv" if table.split is None else "split"
     result = EndpointResult(
         name=spec.name, task=task, target=spec.target, time=spec.time, event=spec.event, mask=spec.mask,
         sequences=table.sequences, fusion=spec.fusion, pooling=spec.pooling,
         head="attention-mil" if spec.pooling == "mil" else spec.head,
-        protocol="cv" if table.split is None else "split", folds=plan_folds(plan), n_subjects=table.n_subjects,
+        protocol=protocol, folds=plan_folds(plan), n_subjects=table.n_subjects,
         dropped=dict(table.dropped), classes=table.classes, metrics=metric_names, headline=M.HEADLINE[task],
         higher_is_better={m: m not in M.LOWER_IS_BETTER for m in metric_names},
         settings=[s.name for s in plan.settings], notes=list(plan.notes), unit=spec.unit,
-        n_samples=len(table.samples))
+        n_samples=len(table.samples), intervals=dict(INTERVALS[protocol]))
     rows = []
     for (encoder, setting, seed), output in zip(cells, outputs):
         total = output["head_parameters"] + encoder["parameters"]
+        subsets = plan.subsets[(setting.name, seed)]
         result.scores.append(Score(
             encoder=encoder["name"], setting=setting.name, kind=setting.kind, amount=setting.amount, seed=seed,
             n_train=output["n_train"], n_test=len(output["positions"]),
             metrics={m: MetricValue(*output["scores"][m]) for m in metric_names},
             head_parameters=output["head_parameters"],
-            fraction_trained=output["head_parameters"] / total if total else 1.0))
+            fraction_trained=output["head_parameters"] / total if total else 1.0,
+            fold_metrics=output["fold_metrics"],
+            test_train_ratio=held_out_ratio(plan.folds[seed], subsets, table.subjects),
+            flags=cell_flags(task, output["pred"], table.subjects[output["positions"]], table.subjects, subsets)))
         rows.append({"encoder": encoder["name"], "setting": setting, "seed": seed, **output})
-    result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds)
     by_cell = {(row["encoder"], row["setting"].name, row["seed"]): row["pred"] for row in rows}
     # every cell predicts the same samples in the same order
     groups = table.subjects[rows[0]["positions"]] if rows else table.subjects
-    result.comparisons = compare(task, result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, workers)
+    draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED) if protocol == "split" else None
+    result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds, by_cell, draws, confidence)
+    result.comparisons = compare(task, result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, workers,
+                                 BOOTSTRAP_SEED + 1)
+    result.notes += cell_notes(result, rows, n_bootstrap)
     return result, rows
 
 
+def cell_notes(result: EndpointResult, rows: list[dict], n_bootstrap: int) -> list[str]:
+    """Endpoint notes from the cells: head fallbacks and non-convergence, undefined log-rank p-values, CIs
+    resting on fewer than ``MIN_VALID_SHARE`` of the resamples, flagged cells — each kind once, with a count."""
+    notes = []
+    for row in rows:
+        where = f"{row['encoder']} {row['setting'].name} seed {row['seed']}"
+        notes += [f"{where}, {note}" for note in row.get("notes", [])]
+    undefined = [s for s in result.scores if "logrank_p" in s.metrics and not np.isfinite(_nan(s.metrics[
+        "logrank_p"].value))]
+    if undefined:
+        notes.append(f"logrank_p undefined (NaN) in {len(undefined)} cell(s): one risk group, no event, or zero "
+                     "log-rank variance on the test subjects")
+    for metric in result.metrics:
+        shares = [s.metrics[metric].n_valid / n_bootstrap for s in result.scores
+                  if s.metrics[metric].low is not None and n_bootstrap]
+        low = [share for share in shares if share < MIN_VALID_SHARE]
+        if low:
+            notes.append(f"{metric}: the bootstrap CI of {len(low)} cell(s) rests on fewer than "
+                         f"{MIN_VALID_SHARE:.0%} of the resamples (lowest {min(low):.0%}; the others lacked a class "
+                         "or an event)")
+    flagged = [s for s in result.scores if s.flags]
+    if flagged:
+        kinds = sorted({flag.split(":")[0] for s in flagged for flag in s.flags})
+        notes.append(f"{len(flagged)} cell(s) flagged ({', '.join(kinds)}): their numbers mean little")
+    return notes
+
+
+def _nan(value):
+    return float("nan") if value is None else value
+
+
 def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, n_bootstrap, confidence,
-              attention: bool, parent_pid: int) -> dict:
+              attention: bool, parent_pid: int, groups=None) -> dict:
     """One cell with single-threaded BLAS (small matrices: threads only contend) and, in a worker process,
     single-threaded torch (the workers already use the cores). An InputError comes back as
     ``{"error": (path, cause, hint)}`` (it does not cross a process boundary as an exception)."""
@@ -212,10 +306,12 @@ def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, 
         sys.modules["torch"].set_num_threads(1)
     with threadpool_limits(limits=1), quiet_expected_warnings():
         try:
-            output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention)
+            output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention, groups)
         except InputError as error:
             return {"error": (error.path, error.cause, error.hint)}
         output["scores"] = score_cell(task, output["pred"], subjects[output["positions"]], n_bootstrap, confidence)
+        output["fold_metrics"] = fold_values(task, output["pred"], output["fold_names"],
+                                             [m for m in M.metric_names(task) if m not in M.NOT_BOOTSTRAPPED])
     return output
 
 
@@ -224,37 +320,3 @@ def plan_folds(plan: Plan) -> int | None:
     return None if first[0].name == "test" else len(first)
 
 
-def aggregate(result: EndpointResult, encoder_names: list[str], seeds: list[int]) -> list[Aggregate]:
-    """Mean ± std (ddof 0) over seeds of every metric, per encoder and setting (NaN seeds left out)."""
-    items = []
-    for encoder in encoder_names:
-        for setting in result.settings:
-            for metric in result.metrics:
-                values = np.array([result.score(encoder, setting, seed).metrics[metric].value for seed in seeds])
-                values = values[np.isfinite(values)]
-                items.append(Aggregate(encoder, setting, metric, float(values.mean()) if len(values) else float("nan"),
-                                       float(values.std()) if len(values) else float("nan"), int(len(values))))
-    return items
-
-
-def compare(task: str, result: EndpointResult, encoders: list[dict], seeds: list[int], by_cell: dict,
-            groups: np.ndarray, n_bootstrap: int, confidence: float, workers: int) -> list[Comparison]:
-    """Paired bootstrap of the model (``encoders[0]``) vs each baseline, per setting, on the headline metric;
-    ``groups`` [m]: the subject of each predicted sample (the bootstrap draws subjects)."""
-    model = encoders[0]["name"]
-    pairs = [(setting, baseline["name"]) for setting in result.settings for baseline in encoders[1:]]
-    metric = result.headline
-
-    def one(setting, baseline):
-        with threadpool_limits(limits=1), quiet_expected_warnings():
-            return _one(setting, baseline)
-
-    def _one(setting, baseline):
-        model_preds = [by_cell[(model, setting, seed)] for seed in seeds]
-        baseline_preds = [by_cell[(baseline, setting, seed)] for seed in seeds]
-        draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED + 1)
-        diff, low, high, p = M.paired_bootstrap(task, metric, model_preds, baseline_preds, draws, confidence)
-        return Comparison(metric, setting, model, baseline, diff, low, high, p, len(set(groups.tolist())),
-                          n_bootstrap)
-
-    return list(Parallel(n_jobs=workers)(delayed(one)(setting, baseline) for setting, baseline in pairs))

@@ -3,7 +3,9 @@
 Features are L2-normalised; the k training vectors of highest cosine similarity vote with weight
 ``exp(similarity / T)`` (T = 0.07). Classification: class probabilities = normalised weighted votes. Regression:
 the weighted mean of the neighbours' targets. ``k`` is chosen from ``ks`` (capped at n_train − 1) by leave-one-out
-on the training vectors only (balanced accuracy / mean absolute error), so no test vector is ever looked at.
+on the training vectors only (balanced accuracy / mean absolute error), so no test vector is ever looked at; with
+``groups`` (the subject of each training vector) a vector's vote leaves out every vector of its own subject, not
+only itself.
 """
 
 import numpy as np
@@ -24,7 +26,7 @@ class KNNProbe(BaseEstimator):
         self.ks = ks
         self.temperature = temperature
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
         if self.task not in ("classification", "regression"):
             raise ValueError(f"the kNN probe predicts classes or numbers, not {self.task!r}")
         self.X_ = normalize(np.asarray(X, dtype=np.float64))
@@ -33,14 +35,25 @@ class KNNProbe(BaseEstimator):
             self.classes_, self.y_ = np.unique(y, return_inverse=True)
         else:
             self.y_ = y.astype(np.float64)
+        similarity = self._loo_similarity(groups)
+        available = int(np.isfinite(similarity).sum(axis=1).min()) if len(self.y_) else 0   # fewest voters a row has
         candidates = sorted({max(1, min(int(k), len(self.y_) - 1)) for k in self.ks})
         self.k_ = candidates[0]
-        if len(self.y_) > 2 and len(candidates) > 1:
-            similarity = self.X_ @ self.X_.T
-            np.fill_diagonal(similarity, -np.inf)        # leave each training vector out of its own vote
+        if len(self.y_) > 2 and len(candidates) > 1 and available >= 1:
+            candidates = sorted({min(k, available) for k in candidates})
             losses = [self._loss(self._vote(similarity, k)) for k in candidates]
             self.k_ = candidates[int(np.argmin(losses))]
         return self
+
+    def _loo_similarity(self, groups=None) -> np.ndarray:
+        """[n, n] cosine similarities of the training vectors with each vector's own entry, and with ``groups``
+        [n] every entry of its own subject, set to -inf (left out of its leave-one-out vote)."""
+        similarity = self.X_ @ self.X_.T
+        np.fill_diagonal(similarity, -np.inf)
+        if groups is not None:
+            groups = np.asarray(groups)
+            similarity[groups[:, None] == groups[None, :]] = -np.inf
+        return similarity
 
     def _vote(self, similarity: np.ndarray, k: int) -> np.ndarray:
         """[m, C] normalised class votes or [m] weighted means from similarities [m, n_train]."""

@@ -223,7 +223,7 @@ def _c_index(pred: dict) -> float:
 
 def _pooled_c_index(pred: dict) -> float:
     event = pred["event"].astype(bool)
-    if not event.any():
+    if not event.any() or len(event) < 2:
         return float("nan")                      # all censored: no comparable pair
     try:
         return concordance_index_censored(event, pred["time"], pred["risk"])[0]

@@ -22,23 +22,37 @@ Layout (every level a dataclass; ``ProbeResults.to_dict()`` is exactly ``metrics
       metrics [str] (names, report order), headline (the metric shown first), higher_is_better {metric: bool},
       settings [str] in order, e.g. ["1%", "10%", "25%", "50%", "100%", "1-shot", "5-shot"],
       scores [Score], aggregates [Aggregate], comparisons [Comparison], notes [str] (e.g. a skipped setting),
-      mask_dir (segmentation: folder of predicted masks relative to run_dir, else None)
+      mask_dir (segmentation: folder of predicted masks relative to run_dir, else None),
+      intervals {"scores" | "aggregates" | "comparisons": what that interval is conditional on, in words}
 
     Score            one (encoder, setting, seed): predictions over the test samples (pooled over CV folds)
       encoder, setting, kind ("fraction" | "shot"), amount (percent, or shots per class), seed,
       n_train (training samples used, mean over folds for CV), n_test (samples predicted),
       metrics {metric: MetricValue}, head_parameters (trainable numbers in the head),
-      fraction_trained = head_parameters / (head_parameters + encoder parameters)
+      fraction_trained = head_parameters / (head_parameters + encoder parameters),
+      fold_metrics {metric: [K] values on each fold's test samples} (K = 1 for the split protocol),
+      test_train_ratio (mean over folds of test subjects / training subjects), flags [str] (e.g. "small test set:
+      8 subjects (< 20)", "small training set: 3 subjects (< 10)": numbers there mean little)
 
-    MetricValue      value, low, high: point estimate and 95 % bootstrap CI (subjects resampled with all their
-                     samples); low/high are None where no CI is defined (logrank_p)
+    MetricValue      value, low, high, n_valid: point estimate and 95 % bootstrap CI over the n_valid resamples where
+                     the metric was defined (subjects resampled with all their samples; CONDITIONAL on this cell's
+                     fitted heads: other test subjects, not other training subjects); low/high are None where no CI
+                     is defined (logrank_p). Balanced accuracy on a small test set: the union of that interval and
+                     the Clopper–Pearson interval of (balanced accuracy × test subjects) successes.
 
-    Aggregate        encoder, setting, metric, mean, std (over seeds, ddof=0), n_seeds
+    Aggregate        encoder, setting, metric, mean, std (over seeds, ddof=0), n_seeds, low, high: the 95 % interval
+                     of the seed mean — CV: corrected resampled t over the seeds × folds values (accounts for
+                     refitting the heads); split: subject bootstrap of the seed mean (conditional on the fitted
+                     heads). None for p-value metrics (logrank_p is never averaged over seeds).
 
     Comparison       model vs one baseline, one setting, the endpoint's headline metric, paired over the same test
-                     samples: metric, setting, model, baseline, difference (seed-mean model − baseline), low, high
-                     (95 % CI of the difference), p_value (two-sided paired bootstrap over subjects), n_subjects
-                     (test subjects), n_resamples
+                     samples: metric, setting, model, baseline, difference (model − baseline), low, high (95 % CI of
+                     the difference), p_value (two-sided, unadjusted), n_subjects (test subjects), n_resamples,
+                     method ("corrected resampled t" under CV: Nadeau–Bengio over the seeds × folds differences,
+                     n_folds of them; "paired subject bootstrap" under a split: conditional on the fitted heads),
+                     p_holm (Holm over the endpoint's comparisons: baselines × settings), p_holm_run (Holm over
+                     the run's headline comparisons — every endpoint's smallest and largest fraction × baselines —
+                     None for the others); verdicts use the adjusted p-values
 
 Metric names: classification ``balanced_accuracy``, ``auc`` (macro one-vs-rest), ``f1_macro``; regression ``mae``,
 ``pearson_r``; survival ``c_index`` (Harrell), ``logrank_p`` (high vs low risk split at the training median risk);
@@ -62,6 +76,7 @@ class MetricValue:
     value: float
     low: float | None = None
     high: float | None = None
+    n_valid: int | None = None
 
 
 @dataclass
@@ -86,6 +101,9 @@ class Score:
     metrics: dict[str, MetricValue]
     head_parameters: int
     fraction_trained: float
+    fold_metrics: dict[str, list[float]] = field(default_factory=dict)
+    test_train_ratio: float | None = None
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +114,8 @@ class Aggregate:
     mean: float
     std: float
     n_seeds: int
+    low: float | None = None
+    high: float | None = None
 
 
 @dataclass
@@ -110,6 +130,10 @@ class Comparison:
     p_value: float
     n_subjects: int
     n_resamples: int
+    method: str = "paired subject bootstrap"
+    n_folds: int | None = None
+    p_holm: float | None = None
+    p_holm_run: float | None = None
 
 
 @dataclass
@@ -140,6 +164,7 @@ class EndpointResult:
     mask_dir: str | None = None
     unit: str = "subject"
     n_samples: int | None = None
+    intervals: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.n_samples is None:

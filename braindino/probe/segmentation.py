@@ -18,7 +18,8 @@ from braindino.atomic import atomic_path
 from braindino.errors import InputError
 from braindino.ingest import load_volume
 from braindino.probe import metrics as M
-from braindino.probe.evaluate import BOOTSTRAP_SEED, aggregate, compare, plan_folds
+from braindino.probe.compare import INTERVALS, aggregate, compare, fold_values, held_out_ratio
+from braindino.probe.evaluate import BOOTSTRAP_SEED, cell_flags, plan_folds
 from braindino.probe.results import EndpointResult, MetricValue, Score
 
 MASKS_DIR = "masks"
@@ -77,7 +78,8 @@ def evaluate_segmentation(table, plan, encoders: list[dict], seeds: list[int], n
         n_subjects=len(table.subjects), dropped=dict(table.dropped), classes=None, metrics=metric_names,
         headline="dice_mean", higher_is_better={m: True for m in metric_names},
         settings=[s.name for s in plan.settings], notes=list(plan.notes),
-        mask_dir=os.path.join(MASKS_DIR, table.spec.name), n_samples=len(table.samples))
+        mask_dir=os.path.join(MASKS_DIR, table.spec.name), n_samples=len(table.samples),
+        intervals=dict(INTERVALS["cv" if table.split is None else "split"]))
     largest = max(plan.settings, key=lambda s: (s.kind == "fraction", s.amount))     # its masks are written
     rows, by_cell = [], {}
     for encoder in encoders:
@@ -95,13 +97,20 @@ def evaluate_segmentation(table, plan, encoders: list[dict], seeds: list[int], n
                     seed=seed, n_train=output["n_train"], n_test=len(output["positions"]),
                     metrics={m: MetricValue(*scores[m]) for m in metric_names},
                     head_parameters=output["head_parameters"],
-                    fraction_trained=output["head_parameters"] / total if total else 1.0))
+                    fraction_trained=output["head_parameters"] / total if total else 1.0,
+                    fold_metrics=fold_values("segmentation", output["pred"], output["fold_names"], metric_names),
+                    test_train_ratio=held_out_ratio(plan.folds[seed], plan.subsets[(setting.name, seed)],
+                                                    table.subjects),
+                    flags=cell_flags("segmentation", output["pred"], table.subjects[output["positions"]],
+                                     table.subjects, plan.subsets[(setting.name, seed)])))
                 rows.append({"encoder": encoder["name"], "setting": setting, "seed": seed, **output})
                 by_cell[(encoder["name"], setting.name, seed)] = output["pred"]
                 progress.update(1)
-    result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds)
     groups = table.subjects[rows[0]["positions"]] if rows else table.subjects
-    result.comparisons = compare("segmentation", result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, 1)
+    draws = M.cluster_bootstrap_indices(groups, n_bootstrap, BOOTSTRAP_SEED) if result.protocol == "split" else None
+    result.aggregates = aggregate(result, [e["name"] for e in encoders], seeds, by_cell, draws, confidence)
+    result.comparisons = compare("segmentation", result, encoders, seeds, by_cell, groups, n_bootstrap, confidence, 1,
+                                 BOOTSTRAP_SEED + 1)
     return result, rows
 
 
