@@ -7,7 +7,7 @@
 
 import sys
 
-from braindino.train.command import main
+from braindino.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

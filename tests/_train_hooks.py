@@ -77,7 +77,7 @@ def main() -> int:
     reads_dir, nan_ranks, nan_calls, *arguments = sys.argv[1:]
     rank = int(os.environ.get("RANK", "0"))
     calls = {int(c) for c in nan_calls.split(",") if c} if str(rank) in nan_ranks.split(",") else set()
-    from braindino.train.command import main as train_main
+    from braindino.cli.train import main as train_main
 
     with hooks(Path(reads_dir) / f"reads-rank{rank}.json", calls, no_intensity=bool(os.environ.get(NO_INTENSITY))):
         return train_main(arguments)

@@ -1,6 +1,5 @@
 """Extraction with several encoders at once: one read per distinct preprocessing, each folder as a run of its own."""
 
-import argparse
 from dataclasses import asdict
 
 import nibabel as nib
@@ -123,14 +122,12 @@ def test_a_folder_given_twice_or_of_another_model_is_refused_before_writing(enco
 
 def test_probe_extracts_model_and_baselines_with_one_read_per_volume(encoders, cohort, tmp_path, reads):
     from braindino.manifest import read_manifest
-    from braindino.probe.command import extract_all, load_encoders
+    from braindino.probe.encoders import extract_features, load_encoders
 
-    args = argparse.Namespace(model=encoders[0].name, baseline=[], no_default_baselines=False, device="cpu",
-                              features=None, batch_size=64, workers=0, slice_stride=1)
-    entries = load_encoders(args)
-    assert [e["name"] for e in entries] == ["model", "random_like", "pixels"]
+    entries = load_encoders(encoders[0].name, device="cpu")
+    assert [e.name for e in entries] == ["model", "random_like", "pixels"]
     used = read_manifest(cohort)
-    assert extract_all(args, entries, used, tmp_path / "run", patch_tokens=False) == 3   # broken, per encoder
+    assert extract_features(entries, used, tmp_path / "run" / "features", workers=0) == 3   # broken, per encoder
     assert reads == {(0.5, 99.5): 3}
     for entry in entries:
-        assert len(entry["rows"]) == 2 and entry["features"].root == tmp_path / "run" / "features" / entry["slug"]
+        assert len(entry.rows) == 2 and entry.features.root == tmp_path / "run" / "features" / entry.slug

@@ -20,8 +20,8 @@ from braindino.cli import main as braindino
 from braindino.errors import InputError
 from braindino.store import SliceStore
 from braindino.train import checkpoint as ckpt
-from braindino.train.command import STOPPED_EXIT_STATUS
-from braindino.train.command import main as train_dino
+from braindino.cli.train import STOPPED_EXIT_STATUS
+from braindino.cli.train import main as train_dino
 from braindino.train.trainer import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -289,8 +289,8 @@ def test_full_disk_during_prepare_keeps_a_whole_store(tiny_store, small_disk, ca
     arguments = ["prepare", "--manifest", str(tiny_store.parent / "manifest.csv"), "--out", str(store), "--size",
                  "32", "--workers", "1", "--shard-mb", "0.03"]
     assert braindino(arguments) == 2
-    lines = error_lines(capsys.readouterr().err, "braindino prepare:")
-    assert len(lines) == 1 and lines[0].startswith(f"braindino prepare: {store}: no space left on device while "
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {store}: no space left on device while "
                                                    f"writing the slice store (needs about "), lines
     assert no_temporary_files(folder) == []
     partial = SliceStore(store)
@@ -352,7 +352,7 @@ def test_files_overwritten_or_truncated_under_an_open_store_are_named(tiny_store
 
 
 def test_worker_errors_reach_any_command_as_their_own_line(tiny_store, capsys, monkeypatch):
-    from braindino.train import command
+    from braindino.cli import train as command
 
     class Damaged(torch.utils.data.Dataset):
         def __len__(self):

@@ -1,5 +1,5 @@
 """braindino's import graph, read from the source with ``ast`` (every import, also those inside functions): no
-module reaches itself."""
+module reaches itself, no command-line code outside ``braindino/cli/``, no stage importing another stage's CLI."""
 
 import ast
 from pathlib import Path
@@ -73,3 +73,23 @@ def test_cycle_finds_a_circle_through_a_function_level_import(tmp_path):
     assert cycle(import_graph(package)) == ["braindino.encoder.encoder", "braindino.extract.cohort",
                                             "braindino.encoder.encoder"]
 
+
+def test_only_the_cli_imports_argparse():
+    def imports_argparse(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names):
+                return True
+            if isinstance(node, ast.ImportFrom) and node.module == "argparse":
+                return True
+        return False
+
+    assert sorted(name for name, path in modules().items()
+                  if imports_argparse(path) and not name.startswith("braindino.cli")) == []
+
+
+def test_no_stage_imports_the_cli():
+    """Stages are plain functions; only the command line (and ``python -m`` entry points) reach ``braindino.cli``."""
+    graph = import_graph()
+    assert sorted(name for name, targets in graph.items()
+                  if not name.startswith("braindino.cli") and not name.endswith(".__main__")
+                  and any(t.startswith("braindino.cli") for t in targets)) == []

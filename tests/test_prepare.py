@@ -306,6 +306,6 @@ def test_unwritable_out_is_one_line_and_exit_2(cohort, tmp_path, capsys):
     out = tmp_path / "a_file" / "store"
     assert prepare(cohort, out) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"braindino prepare: {out}: cannot write the slice store: Not a directory — check that the "
-                   f"folder exists and is writable, and that the disk has space; 4 volumes still to store; nothing "
-                   f"was stored yet")
+    assert err == (f"error: {out}: --out cannot be a folder here: {out.parent} is a file — choose another --out "
+                   f"folder")
+    assert not (tmp_path / "a_file").is_dir()

@@ -121,7 +121,7 @@ def test_robustness_command_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "braindino.cli", "robustness", "--model", str(model),
                             "--manifest", str(tmp_path / "manifest.csv"), "--task", "classification",
                             "--target", "diagnosis", "--perturbations", "gamma", "--grid", "gamma=0.5",
-                            "--bootstrap", "20", "--workers", "0", "--features", str(out / "features"),
+                            "--bootstrap", "20", "--workers", "0", "--features-root", str(out / "features"),
                             "--out", str(tmp_path / "again")], capture_output=True, text=True, encoding="utf-8",
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

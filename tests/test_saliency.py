@@ -91,7 +91,7 @@ def test_ras_and_lps_storage_give_maps_that_agree_in_world_space(tmp_path, tiny_
     nib.save(nib.Nifti1Image(np.ascontiguousarray(data[::-1, ::-1]), lps), tmp_path / "lps.nii.gz")
     written = run_saliency(tiny_encoder.name, tmp_path / "out", images=[tmp_path / "ras.nii.gz",
                                                                           tmp_path / "lps.nii.gz"],
-                           montage=False, device="cpu")
+                           montage=False, device="cpu").paths
     assert len([p for p in written if str(p).endswith(".nii.gz")]) == 6
     for name in ("cls_attention", "rollout"):
         ras_map = nib.load(tmp_path / "out" / "ras" / f"{name}.nii.gz")
@@ -125,7 +125,7 @@ def test_tumour_probe_gradient_puts_its_mass_on_the_tumour(tmp_path):
     rollout of this encoder are ~1.0 (its attention ignores content)."""
     import pandas as pd
 
-    from braindino.saliency.command import saliency
+    from braindino.saliency import run_saliency
 
     rng = np.random.default_rng(0)
     rows, masks = [], {}
@@ -139,7 +139,7 @@ def test_tumour_probe_gradient_puts_its_mass_on_the_tumour(tmp_path):
                      "tumour": "tumour" if mask.any() else "healthy"})
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     model = write_local_model(tmp_path / "model")
-    saliency(str(model), tmp_path / "out", manifest=str(tmp_path / "manifest.csv"), task="classification",
+    run_saliency(str(model), tmp_path / "out", manifest=str(tmp_path / "manifest.csv"), task="classification",
              target="tumour", pooling="mean", montage=False, device="cpu", class_name="tumour")
     index = pd.read_csv(tmp_path / "out" / "saliency.csv")
     assert len(index) == 4

@@ -254,7 +254,7 @@ def test_skull_stripped_background_is_zero(tmp_path, template):
 
 def test_cli_writes_the_asked_sequences_and_reports(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--subjects", "2", "--seed", "3", "--resolution", "4",
-                 "--sequences", "T1w", "FLAIR"]) == 0
+                 "--sequences", "T1w,FLAIR"]) == 0
     manifest = pd.read_csv(tmp_path / "manifest.csv")
     assert list(manifest["sequence"]) == ["T1w", "FLAIR"] * 2
     assert all((tmp_path / p).is_file() for p in manifest["path"])

@@ -203,7 +203,7 @@ def test_a_fresh_run_does_not_append_to_old_metrics(tiny_store, tmp_path):
     (["optim.iters=many"], 2, "optim.iters"),
 ])
 def test_train_command_errors_are_one_line(tiny_store, tmp_path, capsys, arguments, status, message):
-    from braindino.train.command import main
+    from braindino.cli.train import main
 
     if "--data" not in arguments:
         arguments = ["--data", str(tiny_store), *arguments]
@@ -213,7 +213,7 @@ def test_train_command_errors_are_one_line(tiny_store, tmp_path, capsys, argumen
 
 
 def test_malformed_yaml_is_one_line_error(tmp_path, capsys):
-    from braindino.train.command import main
+    from braindino.cli.train import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {arch: vit_tiny\n  depth: [\n")

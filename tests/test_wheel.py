@@ -77,7 +77,7 @@ def test_wheel_ships_the_configs_once_the_license_and_no_tests(built):
     assert "Source, https://github.com/braindino/braindino" in meta.get_all("Project-URL")
     assert set(meta.get_all("Provides-Extra")) == {"xformers", "test"}
     assert "braindino = braindino.cli:main" in entry_points
-    assert "train_dino = braindino.train.command:main" in entry_points
+    assert "train_dino = braindino.cli.train:main" in entry_points
 
 
 def test_sdist_holds_each_config_once(built):

@@ -130,3 +130,12 @@ def check_fingerprint(features, encoder, where) -> None:
         raise InputError(where, f"features were made by {features.model.get('name')!r} [{made_by}], not by "
                                 f"{encoder.name!r} [{encoder.fingerprint}]",
                          "extract features with this --model, or pass the model that made them")
+
+
+def sample_inputs(table: SubjectTable, features, rows: dict[int, int], where="features"):
+    """Head inputs of every sample of ``table`` from ``features`` (``rows``: manifest row → features key): pooled
+    ``[n, P]`` by the endpoint's pooling and fusion, or a list of MIL bags ``[slices, P]`` for ``pooling: mil``."""
+    bags = SubjectBags(table, features, rows)
+    if table.spec.pooling == "mil":
+        return bags.mil(table.spec.fusion, where)[0]
+    return bags.pooled(table.spec.pooling, table.spec.fusion)

@@ -68,21 +68,22 @@ def _single_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def embed_condition(encoders: list[dict], manifest: pd.DataFrame, rows: list[int], perturbation: str,
+def embed_condition(encoders: list, manifest: pd.DataFrame, rows: list[int], perturbation: str,
                     severity: float, seed: int, slice_stride: int, workers: int, batch_size: int
                     ) -> tuple[dict[str, ConditionFeatures], list[dict]]:
-    """Perturb manifest ``rows`` at ``severity`` and embed them with every encoder (``encoders``: [{name,
-    encoder}]) → ({encoder name: ConditionFeatures}, errors [{row, path, cause, hint}])."""
+    """Perturb manifest ``rows`` at ``severity`` and embed them with every encoder (``encoders``:
+    [:class:`~braindino.probe.encoders.EncoderUnderTest`]) → ({encoder name: ConditionFeatures}, errors [{row, path,
+    cause, hint}])."""
     label = f"{perturbation}={severity:g}"
     paths = {row: str(manifest.at[row, "path"]) for row in rows}
-    features = {entry["name"]: ConditionFeatures(label, paths) for entry in encoders}
+    features = {entry.name: ConditionFeatures(label, paths) for entry in encoders}
     groups: dict = {}   # PreprocessConfig -> encoders that share it
     for entry in encoders:
-        groups.setdefault(entry["encoder"].preprocessing, []).append(entry)
+        groups.setdefault(entry.encoder.preprocessing, []).append(entry)
     records = [{"row": row, **manifest.loc[row].to_dict()} for row in rows]
     errors = {}
     for members in groups.values():
-        first = members[0]["encoder"]
+        first = members[0].encoder
         reader = PerturbedReader(records, first.preprocessing, perturbation, severity, seed, slice_stride,
                                  first.input_size, first.grid)
         loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=max(0, workers),
@@ -94,9 +95,9 @@ def embed_condition(encoders: list[dict], manifest: pd.DataFrame, rows: list[int
                                        "hint": item["hint"]}
                 continue
             for entry in members:
-                embedding = entry["encoder"].embed_prepared(item["slices"], item["z"], item["geometry"],
+                embedding = entry.encoder.embed_prepared(item["slices"], item["z"], item["geometry"],
                                                             batch_size=batch_size)
-                features[entry["name"]].arrays[item["row"]] = {
+                features[entry.name].arrays[item["row"]] = {
                     "cls": embedding.cls, "mean_patch": embedding.mean_patch, "z": np.asarray(embedding.z),
                     "hemispheres": embedding.hemispheres}
     return features, list(errors.values())

@@ -27,17 +27,6 @@ class FittedHeads:
     heads: dict = field(default_factory=dict)
 
 
-def sample_inputs(table, features, rows: dict, where):
-    """Head inputs of every sample of ``table`` from ``features`` (``rows``: manifest row → features key):
-    pooled ``[n, P]`` or a list of MIL bags."""
-    from braindino.probe.inputs import SubjectBags
-
-    bags = SubjectBags(table, features, rows)
-    if table.spec.pooling == "mil":
-        return bags.mil(table.spec.fusion, where)[0]
-    return bags.pooled(table.spec.pooling, table.spec.fusion)
-
-
 def fit_heads(table, plan, clean_inputs: dict, seeds: list[int]) -> FittedHeads:
     """One head per (encoder, seed, fold), fitted on that fold's clean training samples (the 100 % setting)."""
     from threadpoolctl import threadpool_limits

@@ -2,6 +2,6 @@
 
 import sys
 
-from braindino.train.command import main
+from braindino.cli.train import main
 
 sys.exit(main())

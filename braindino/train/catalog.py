@@ -5,8 +5,6 @@ a clone's top-level ``configs/`` is a symlink to that folder. ``braindino train 
 the bare name to the shipped file; a path to any YAML file still works.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 from braindino.errors import InputError
@@ -41,25 +39,3 @@ def describe(path: Path) -> str:
         if line.startswith("#"):
             return line.lstrip("#").strip()
     return ""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (f"Use a name as `braindino train --config NAME`; the files are in {CONFIGS_FOLDER} "
-                     "(copy one to start your own).")
-
-
-def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    rows = []
-    for name, path in shipped_configs().items():
-        config = OmegaConf.load(path)   # every shipped config states its objective, arch and patch size
-        rows.append((name, str(config.objective), f"{config.model.arch}/{config.model.patch_size}", describe(path)))
-    if not rows:
-        print(f"error: no configs in {CONFIGS_FOLDER}: the installation is incomplete, reinstall braindino",
-              file=sys.stderr)
-        return 1
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
-    return 0

@@ -1,24 +1,25 @@
-"""``python train_dino.py`` / ``braindino train``: pretrain on a slice store, alone or under torchrun.
+"""``python train_dino.py`` / ``braindino train``: pretrain on a slice store, alone or under torchrun
+(:func:`braindino.train.trainer.train`).
 
 Exit status: 0 when every step ran, 75 (EX_TEMPFAIL) when the run stopped early with a checkpoint — a SIGTERM /
 SIGUSR1 from a scheduler, or ``train.max_hours`` passed — and is continued by the same command with ``--resume``,
 1 when training failed (bad store, damaged checkpoint, full disk, non-finite losses), 2 for a bad configuration.
 """
 
-import argparse
+import os
 import sys
+
+from braindino.cli.arguments import add_out
 
 STOPPED_EXIT_STATUS = 75   # EX_TEMPFAIL: "try again later" — requeue the job with --resume
 
-from braindino.train.config import load_config
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True,
                         help="a shipped config's name (list them with `braindino configs`), e.g. dino_vit_small, "
                              "or a YAML file")
     parser.add_argument("--data", required=True, help="slice store made by `braindino prepare`")
-    parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, checkpoints/")
+    add_out(parser, "RUN", "run directory: config.yaml, metrics.jsonl, checkpoints/")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint, at any number of processes "
                              "(starts fresh when --out has none)")
@@ -32,34 +33,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "checkpoint and exit status 75; rerun with --resume to continue.")
 
 
-def run(args: argparse.Namespace) -> int:
+def interrupted(args) -> str:
+    return f"rerun with --resume to continue from the last checkpoint in {args.out}"
+
+
+def run(args) -> int:
+    from braindino.cli.boundary import RunFailed
     from braindino.errors import InputError, error_line
+    from braindino.train.config import load_config
     from braindino.train.distributed import shutdown
     from braindino.train.trainer import train
 
     try:
         config = load_config(args.config, args.overrides)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:   # YAML syntax, unknown keys, bad values: a bad configuration (exit 2)
+        raise InputError(args.config, error_line(err), "fix the config file or the key=value overrides") from err
     try:
         resume = args.resume_from or ("latest" if args.resume else None)
         summary = train(config, args.data, args.out, resume=resume)
     except (InputError, OSError, ValueError, RuntimeError) as err:   # NonFiniteLossError is a RuntimeError
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 1
+        raise RunFailed(err) from err
     finally:
         shutdown()
+    rank_zero = summary["world_size"] == 1 or os.environ.get("RANK", "0") == "0"
     if summary["stopped"]:
-        if summary["world_size"] == 1 or _is_rank_zero():
+        if rank_zero:
             print(f"stopped by {summary['stopped']} after step {summary['next_step']} of {config.optim.iters}; "
                   f"checkpoint {summary['checkpoint']} written — to continue, rerun the same command with --resume",
                   file=sys.stderr)
         return STOPPED_EXIT_STATUS
-    if summary["world_size"] == 1 or _is_rank_zero():
+    if rank_zero:
         first, last = summary["first_losses"] or {}, summary["last_losses"] or {}
         if summary["steps_run"] == 0:
             print(f"{args.out} already holds all {summary['next_step']} steps: nothing to train")
@@ -71,16 +74,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main(argv=None) -> int:
-    from braindino.cli import tolerate_any_terminal_encoding
+    """``train_dino.py`` and ``python -m braindino.train``: this command as a program of its own."""
+    from braindino.cli import standalone
 
-    tolerate_any_terminal_encoding()
-    parser = argparse.ArgumentParser(prog="train_dino.py", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("train_dino.py", "train", argv)

@@ -1,19 +1,17 @@
-"""``braindino saliency``: where does the encoder (and a probe on it) look? Maps as NIfTI on the input's grid.
+"""``run_saliency``: where does the encoder (and a probe on it) look? The Python API behind ``braindino
+saliency``; maps as NIfTI on the input's grid.
 
-For each volume (``--image`` files, or the manifest's test rows — every row when there is no test split): the
-last block's CLS attention (head-averaged and one volume per head), attention rollout, and — with ``--task`` — a
+For each volume (``images``, or the manifest's test rows — every row when there is no test split): the last
+block's CLS attention (head-averaged and one volume per head), attention rollout, and — with ``task`` — a
 head-aware gradient map of a probe head trained on the manifest's training volumes with the probe's own code
-(:mod:`.maps`, :mod:`.head_gradient`). Every map is written as NIfTI in the input's native voxel grid with its
-affine, plus a PNG montage over the anatomy.
-
-Exit status: 0 when every volume got its maps; 1 when some could not be read (one ``error:`` line each, the rest
-are mapped); 2 when nothing was done (bad options, manifest or model).
+(:mod:`.maps`, :mod:`.head_gradient`; the head's inputs are :func:`braindino.probe.inputs.sample_inputs`). Every map
+is written as NIfTI in the input's native voxel grid with its affine, plus a PNG montage over the anatomy.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 
@@ -25,62 +23,17 @@ from braindino.errors import InputError
 MAP_FILES = {"cls_attention": "cls_attention.nii.gz", "cls_attention_heads": "cls_attention_heads.nii.gz",
              "rollout": "rollout.nii.gz", "head_gradient": "head_gradient.nii.gz"}
 INDEX_CSV = "saliency.csv"
+TASKS = ("classification", "regression", "survival")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from braindino.saliency.head_gradient import SUPPORTED_POOLINGS
+@dataclass
+class SaliencyRun:
+    """What :func:`run_saliency` wrote: ``paths`` (NIfTI maps, montages, saliency.csv), ``records`` (the rows of
+    saliency.csv, one per mapped volume) and ``failed`` (volumes that could not be read)."""
 
-    parser.add_argument("--model", required=True, help="ViT encoder: braindino model folder, random:<arch> or a "
-                                                        "timm ViT folder")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="volume to map (NIfTI, DICOM folder, MHA, NRRD); repeatable")
-    parser.add_argument("--manifest", metavar="CSV", help="cohort: its test rows are mapped when no --image is "
-                        "given; with --task its training rows train the probe head")
-    parser.add_argument("--task", choices=("classification", "regression", "survival"),
-                        help="train a probe head and add its gradient map")
-    parser.add_argument("--target", metavar="COL", help="label column (classification / regression)")
-    parser.add_argument("--time", metavar="COL", help="survival: time-to-event column")
-    parser.add_argument("--event", metavar="COL", help="survival: event column")
-    parser.add_argument("--sequence", help="the one sequence the head reads (needed when the manifest has several)")
-    parser.add_argument("--pooling", choices=SUPPORTED_POOLINGS, default="max",
-                        help="slice pooling of the head (default max; mil = attention-MIL, whose slice weights "
-                             "weight the map)")
-    parser.add_argument("--head", choices=("linear", "mlp"), default="linear", help="head on pooled features")
-    parser.add_argument("--class", dest="class_name", metavar="NAME",
-                        help="classification: map the evidence for this class (default: each volume's predicted "
-                             "class)")
-    parser.add_argument("--seed", type=int, default=0, help="head seed (default 0)")
-    parser.add_argument("--no-montage", action="store_true", help="write the NIfTI maps only")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
-    parser.add_argument("--workers", type=int, default=1, help="processes extracting the training features")
-    parser.add_argument("--slice-stride", type=int, default=1, metavar="K",
-                        help="the head's training volumes: embed every K-th axial slice (as probe; default 1)")
-    parser.add_argument("--features", metavar="DIR", help="features folder of this encoder for the head's training "
-                        "volumes (e.g. a probe run's RUN/features/model): volumes already there with the same "
-                        "settings are reused, the others added (default: OUT/features/<encoder>)")
-    parser.add_argument("--device", default=None, help="encoder device (default cuda > mps > cpu)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: <volume>/*.nii.gz, "
-                        "<volume>/montage.png, saliency.csv")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        _paths, failed = saliency(
-            args.model, args.out, images=args.image, manifest=args.manifest, task=args.task, target=args.target,
-            time=args.time, event=args.event, sequence=args.sequence, pooling=args.pooling, head=args.head,
-            class_name=args.class_name, seed=args.seed, montage=not args.no_montage, batch_size=args.batch_size,
-            workers=args.workers, device=args.device, slice_stride=args.slice_stride, features_dir=args.features)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
-
-
-def run_saliency(model, out, images=None, manifest=None, task=None, target=None, **options) -> list[Path]:
-    """Python entry point of ``braindino saliency``: the paths written (NIfTI maps, montages, saliency.csv).
-    ``options``: the keyword arguments of :func:`saliency`. Raises InputError for bad input."""
-    paths, _failed = saliency(model, out, images=images, manifest=manifest, task=task, target=target, **options)
-    return paths
+    paths: list
+    records: list
+    failed: int
 
 
 def _safe(name: str) -> str:
@@ -108,8 +61,7 @@ def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: 
     from braindino.probe.evaluate import quiet_expected_warnings
     from braindino.probe.fitting import fit_head, make_head
     from braindino.extract import embed_cohort
-    from braindino.probe.inputs import feature_rows
-    from braindino.robustness.evaluate import sample_inputs
+    from braindino.probe.inputs import feature_rows, sample_inputs
 
     where = manifest.attrs.get("manifest_path", "manifest")
     table = build_table(manifest, spec)
@@ -131,12 +83,15 @@ def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: 
     return head, table
 
 
-def saliency(model, out, images=None, manifest=None, task=None, target=None, time=None, event=None, sequence=None,
-             pooling: str = "max", head: str = "linear", class_name=None, seed: int = 0, montage: bool = True,
-             batch_size: int = 32, workers: int = 1, device=None, slice_stride: int = 1,
-             features_dir=None) -> tuple[list[Path], int]:
-    """The whole run → (paths written, number of volumes that failed). The head's training features go to
-    ``features_dir`` (default ``out/features/<encoder>``)."""
+def run_saliency(model, out, *, images=None, manifest=None, task=None, target=None, time=None, event=None,
+                 sequence=None, pooling: str = "max", head: str = "linear", class_name=None, seed: int = 0,
+                 montage: bool = True, batch_size: int = 32, workers: int = 1, device=None, slice_stride: int = 1,
+                 features=None) -> SaliencyRun:
+    """Map ``images`` (paths) or ``manifest``'s test volumes with ``model`` into ``out``; with ``task`` (and its
+    label columns, the one ``sequence`` the head reads) also a probe head's gradient map, for ``class_name`` (default:
+    each volume's predicted class). The head's training features go to ``features`` (default
+    ``out/features/<encoder>``). A volume that cannot be read is one ``error:`` line and counted in ``failed``;
+    raises InputError for bad input."""
     from braindino import load_encoder
     from braindino.manifest import read_manifest
     from braindino.probe.endpoints import EndpointSpec
@@ -146,6 +101,10 @@ def saliency(model, out, images=None, manifest=None, task=None, target=None, tim
     out = Path(out)
     if not images and not manifest:
         raise InputError("command line", "nothing to map", "pass --image PATH or --manifest CSV")
+    if task is not None and task not in TASKS:
+        raise InputError("--task", f"saliency maps a {', '.join(TASKS)} head, not {task!r}", "choose one of those")
+    if slice_stride < 1:
+        raise InputError("--slice-stride", f"must be at least 1, got {slice_stride}", "pass --slice-stride 1")
     if task and not manifest:
         raise InputError("--task", "a probe head is trained on a manifest's training volumes", "pass --manifest CSV")
     encoder = load_encoder(model, device=device)
@@ -156,7 +115,7 @@ def saliency(model, out, images=None, manifest=None, task=None, target=None, tim
         spec = EndpointSpec(name=target or task, task=task, target=target, time=time, event=event,
                             sequences=[sequence] if sequence else None, pooling=pooling, head=head,
                             unit="auto").check("command line")
-        features_dir = Path(features_dir) if features_dir else out / "features" / _safe(Path(str(encoder.name)).name)
+        features_dir = Path(features) if features else out / "features" / _safe(Path(str(encoder.name)).name)
         fitted, table = train_head(encoder, table_manifest, spec, seed, features_dir, workers, batch_size,
                                    slice_stride)
         classes = table.classes
@@ -187,7 +146,7 @@ def saliency(model, out, images=None, manifest=None, task=None, target=None, tim
     paths.append(out / INDEX_CSV)
     print(f"saliency: {len(records)} of {len(volumes)} volume(s) mapped in {perf_counter() - started:.1f}s -> "
           f"{out}/<volume>/*.nii.gz{', montage.png' if montage else ''}, {INDEX_CSV}")
-    return paths, failed
+    return SaliencyRun(paths, records, failed)
 
 
 def map_volume(encoder, volume: dict, folder: Path, fitted, pooling, task, classes, class_name, montage: bool,
