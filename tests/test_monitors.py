@@ -86,3 +86,16 @@ def test_knn_accuracy_equals_sklearn_weighted_cosine_knn():
     accuracy = knn_accuracy(torch.tensor(train_x), torch.tensor(train_y), torch.tensor(test_x),
                             torch.tensor(test_y), k=k, temperature=temperature, chunk_size=16)
     assert accuracy == pytest.approx(expected)
+
+
+def test_subject_bootstrap_interval_resamples_whole_subjects():
+    from braindino.train.online_knn import subject_bootstrap_interval
+
+    correct = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    subjects = np.array(["a", "a", "b", "b", "c", "c"])
+    low, high = subject_bootstrap_interval(correct, subjects, resamples=400, seed=3)
+    draws = np.random.default_rng(3).integers(0, 3, size=(400, 3))
+    per_subject_hits, per_subject_volumes = np.array([2.0, 0.0, 1.0]), np.array([2, 2, 2])
+    shares = per_subject_hits[draws].sum(1) / per_subject_volumes[draws].sum(1)
+    assert (low, high) == tuple(np.percentile(shares, [2.5, 97.5]))
+    assert subject_bootstrap_interval(np.ones(4), np.array(["a", "b", "c", "d"])) == (1.0, 1.0)

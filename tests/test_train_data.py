@@ -76,4 +76,5 @@ def test_online_knn_splits_subjects_when_the_manifest_has_no_split(tmp_path):
     assert knn.is_train.sum() == 3 and (~knn.is_train).sum() == 3
     mean_intensity = knn.accuracy(lambda images: images.mean(dim=(1, 2, 3)).unsqueeze(1).repeat(1, 2),
                                   torch.device("cpu"), image_size=32)
-    assert 0.0 <= mean_intensity <= 1.0
+    assert 0.0 <= mean_intensity.low <= mean_intensity.accuracy <= mean_intensity.high <= 1.0
+    assert mean_intensity.volumes == 6          # the seeded halves swap roles: every volume is scored once

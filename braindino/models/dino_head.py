@@ -50,10 +50,13 @@ class DINOHead(nn.Module):
             row_norm.fill_(1.0)
         row_norm.requires_grad_(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., in_dim]`` embeddings -> ``[..., out_dim]`` logits."""
+    def forward(self, x: Tensor, return_bottleneck: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``[..., in_dim]`` embeddings -> ``[..., out_dim]`` logits; with ``return_bottleneck`` also the
+        L2-normalised bottleneck ``[..., bottleneck_dim]`` the logits are cosines of (the contrastive warm-up's
+        embedding)."""
         bottleneck = F.normalize(self.mlp(x), p=2, dim=-1, eps=_NORMALIZE_EPS)
-        return self.last_layer(bottleneck)
+        logits = self.last_layer(bottleneck)
+        return (logits, bottleneck) if return_bottleneck else logits
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The trainable prototype parameters (the direction ``V``); DINO keeps them fixed for the first iterations."""

@@ -50,6 +50,11 @@ DEFAULTS = {
         "mask_sample_probability": 0.5,
     },
     "koleo": {"loss_weight": 0.1},
+    # A contrastive warm start: SimCLR's NT-Xent on the student DINO head's unit bottleneck (the two global crops)
+    # alone for `iters` steps, then a linear cross-fade into DINO + iBOT + KoLeo over `fade_iters` steps. It leaves
+    # DINO's uniform-target fixed point on short runs (README, "Why DINO sat at log K"). 0 and 0: off (DINOv2; the
+    # GPU configs).
+    "contrastive_warmup": {"iters": 0, "fade_iters": 0, "temperature": 0.2},
     "simclr": {"temperature": 0.1, "projection_dim": 128, "hidden_dim": 2048},
     "crops": {
         "global_size": 224,
@@ -95,6 +100,7 @@ DEFAULTS = {
         "keep_last": 3,
         "max_hours": 0.0,                # wall-clock budget of this process: stop with a checkpoint after it (0: none)
         "max_consecutive_nonfinite": 3,
+        "fixed_point_patience": 200,     # warn after this many steps in DINO's uniform-target regime (0: never)
         "knn_label": None,               # manifest label column for the online kNN monitor
         "knn_every": 0,                  # 0 disables it
         "knn_slices_per_volume": 8,

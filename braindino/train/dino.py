@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from braindino.augment import MaskBatch
-from braindino.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering, sinkhorn_knopp
+from braindino.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SimCLRLoss, TeacherCentering, sinkhorn_knopp
 from braindino.models import DINOHead
 
 
@@ -32,9 +32,11 @@ class DINOStudent(nn.Module):
 
     def forward(self, global_crops, local_crops, masks: MaskBatch | None = None) -> dict:
         """global_crops ``[G*B,1,S,S]``, local_crops ``[L*B,1,s,s]``, masks or None →
-        ``cls [G*B,D]``, ``dino_global [G*B,K]``, ``dino_local [L*B,K]`` or None, ``ibot [M,K]`` or None."""
+        ``cls [G*B,D]``, ``dino_global [G*B,K]``, ``bottleneck_global [G*B,b]`` (the head's unit bottleneck),
+        ``dino_local [L*B,K]`` or None, ``ibot [M,K]`` or None."""
         features = self.backbone.forward_features(global_crops, None if masks is None else masks.masks)
-        out = {"cls": features["cls"], "dino_global": self.dino_head(features["cls"]),
+        dino_global, bottleneck_global = self.dino_head(features["cls"], return_bottleneck=True)
+        out = {"cls": features["cls"], "dino_global": dino_global, "bottleneck_global": bottleneck_global,
                "dino_local": None, "ibot": None}
         if local_crops.shape[0] > 0:
             out["dino_local"] = self.dino_head(self.backbone.forward_features(local_crops)["cls"])
@@ -91,7 +93,15 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float | tor
 
 
 class DINOObjective(nn.Module):
-    """Weighted sum ``w_dino * DINO + w_ibot * iBOT + w_koleo * KoLeo``; holds the teacher centres (resumable)."""
+    """``(1 - c) * (w_dino * DINO + w_ibot * iBOT + w_koleo * KoLeo) + c * contrastive``; holds the teacher centres
+    (resumable).
+
+    ``c`` is the scheduled share of the contrastive warm start (``contrastive_warmup`` in the config; 0 when off):
+    SimCLR's NT-Xent between the two global crops' unit bottlenecks of the student's DINO head, alone at first, then
+    cross-faded into DINO. It leaves DINO's uniform-target fixed point on short runs: at init the teacher's cosine
+    logits barely differ across slices, so Sinkhorn's targets are near-uniform and self-distillation has nothing to
+    amplify; a bottleneck spread over the sphere makes the targets differ between slices when DINO takes over.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -100,6 +110,7 @@ class DINOObjective(nn.Module):
         self.dino_loss = DINOLoss(student_temp=dino.student_temp)
         self.ibot_loss = IBOTPatchLoss(student_temp=dino.student_temp)
         self.koleo_loss = KoLeoLoss()
+        self.contrastive_loss = SimCLRLoss(temperature=config.contrastive_warmup.temperature)
         self.dino_centering = TeacherCentering(dino.n_prototypes, momentum=dino.center_momentum)
         ibot_dim = ibot.n_prototypes if ibot.separate_head else dino.n_prototypes
         self.ibot_centering = TeacherCentering(ibot_dim, momentum=dino.center_momentum)
@@ -117,8 +128,10 @@ class DINOObjective(nn.Module):
         return probs
 
     def forward(self, student_out: dict, teacher_out: dict, masks: MaskBatch | None, teacher_temp: float,
-                n_global: int):
-        """→ (total loss scalar, {term: 0-dim tensor}, {"teacher_probs": [G*B,K], "student_logits": [G*B,K]})."""
+                n_global: int, contrastive_share: float = 0.0):
+        """→ (total loss scalar, {term: 0-dim tensor}, {"teacher_probs": [G*B,K], "teacher_logits": [G*B,K],
+        "student_logits": [G*B,K]}). ``contrastive_share`` is this step's scheduled c (a Python float, the same
+        on every rank: the contrastive term is computed only while it is positive)."""
         weights = self.config
         teacher_probs = self._teacher_probabilities(teacher_out["dino"], self.dino_centering, teacher_temp)
         student_global = student_out["dino_global"].float()
@@ -136,7 +149,12 @@ class DINOObjective(nn.Module):
             chunks = student_out["cls"].chunk(n_global)
             terms["koleo"] = sum(self.koleo_loss(chunk) for chunk in chunks) / n_global
             total = total + weights.koleo.loss_weight * terms["koleo"]
-        return total, terms, {"teacher_probs": teacher_probs, "student_logits": student_global}
+        if contrastive_share > 0:
+            first, second = student_out["bottleneck_global"].float().chunk(n_global)[:2]
+            terms["contrastive"] = self.contrastive_loss(first, second)
+            total = (1.0 - contrastive_share) * total + contrastive_share * terms["contrastive"]
+        return total, terms, {"teacher_probs": teacher_probs, "teacher_logits": teacher_out["dino"].detach(),
+                              "student_logits": student_global}
 
 
 def build_dino_networks(config, backbone: nn.Module) -> tuple[DINOStudent, DINOTeacher]:

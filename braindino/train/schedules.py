@@ -37,11 +37,20 @@ class Schedules:
     weight_decay: np.ndarray     # [iters]
     teacher_momentum: np.ndarray  # [iters] EMA momentum, cosine to momentum_end
     teacher_temp: np.ndarray     # [iters] linear warmup, then constant
+    contrastive_share: np.ndarray    # [iters] weight of the contrastive warm start (1 - it: of DINO's terms)
 
     def at(self, step: int) -> dict:
         return {"lr": float(self.lr[step]), "weight_decay": float(self.weight_decay[step]),
                 "teacher_momentum": float(self.teacher_momentum[step]),
-                "teacher_temp": float(self.teacher_temp[step])}
+                "teacher_temp": float(self.teacher_temp[step]),
+                "contrastive_share": float(self.contrastive_share[step])}
+
+
+def hold_then_fade(value: float, hold_iters: int, fade_iters: int, iters: int) -> np.ndarray:
+    """``[iters]`` float64: ``value`` for ``hold_iters`` steps, then linearly to 0 over ``fade_iters`` steps (the
+    first fading step still above 0, the last at ``value / fade_iters``), then 0."""
+    step = np.arange(iters, dtype=np.float64)
+    return value * np.clip((hold_iters + fade_iters - step) / max(fade_iters, 1), 0.0, 1.0)
 
 
 def build_schedules(config) -> Schedules:
@@ -59,4 +68,6 @@ def build_schedules(config) -> Schedules:
         weight_decay=cosine_schedule(optim.weight_decay, optim.weight_decay_end, iters),
         teacher_momentum=cosine_schedule(teacher.momentum, teacher.momentum_end, iters),
         teacher_temp=teacher_temp,
+        contrastive_share=hold_then_fade(1.0, int(config.contrastive_warmup.iters),
+                                         int(config.contrastive_warmup.fade_iters), iters),
     )

@@ -30,8 +30,9 @@ class SimCLRObjective(nn.Module):
         super().__init__()
         self.loss = SimCLRLoss(temperature=config.simclr.temperature)
 
-    def forward(self, student_out: dict, teacher_out, masks, teacher_temp: float, n_global: int):
-        """→ (loss scalar, {"simclr": loss}, {} ) — same contract as ``DINOObjective``."""
+    def forward(self, student_out: dict, teacher_out, masks, teacher_temp: float, n_global: int,
+                contrastive_share: float = 0.0):
+        """→ (loss scalar, {"simclr": loss}, {} ) — same contract as ``DINOObjective`` (the last three unused)."""
         view1, view2 = student_out["projection"].float().chunk(2)
         loss = self.loss(view1, view2)
         return loss, {"simclr": loss}, {}

@@ -177,7 +177,8 @@ class TrainingStep:
         with self.autocast:
             student_out = t.student(crops["global"], crops["local"], masks)
             teacher_out = t.teacher(crops["global"], masks) if t.teacher is not None else None
-            total, terms, extra = t.objective(student_out, teacher_out, masks, scheduled["teacher_temp"], 2)
+            total, terms, extra = t.objective(student_out, teacher_out, masks, scheduled["teacher_temp"], 2,
+                                                 scheduled["contrastive_share"])
         t.optimizer.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), config.optim.clip_grad)

@@ -11,6 +11,7 @@ every process finishes its current step, rank 0 writes a checkpoint of it, and `
 import functools
 import resource
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -86,8 +87,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def collapse_monitors(student_out: dict, extra: dict, config) -> dict:
-    """Teacher entropy, student–teacher KL, prototype usage, CLS feature std and effective rank."""
+def collapse_monitors(student_out: dict, extra: dict, config, teacher_temp: float) -> dict:
+    """Teacher entropy, student–teacher KL, prototype usage, CLS feature std and effective rank; for DINO also the
+    teacher logits' spread across slices ÷ ``teacher_temp`` and their first direction's share of the variance."""
     cls = student_out["cls"].detach().float()
     values = {"feature_std": monitors.feature_std(cls), "effective_rank": monitors.effective_rank(cls)}
     if "teacher_probs" in extra:
@@ -96,6 +98,10 @@ def collapse_monitors(student_out: dict, extra: dict, config) -> dict:
                       mean_probability_entropy=monitors.mean_probability_entropy(probs),
                       student_teacher_kl=monitors.student_teacher_kl(probs, logits, config.dino.student_temp),
                       prototype_usage=monitors.prototype_usage(probs))
+    if "teacher_logits" in extra:
+        teacher_logits = extra["teacher_logits"].detach()
+        values.update(teacher_logit_spread_over_temp=monitors.logit_spread(teacher_logits) / teacher_temp,
+                      teacher_top_direction_share=monitors.top_direction_share(teacher_logits))
     return values
 
 
@@ -189,6 +195,11 @@ def knn_embedder(training):
     return embed
 
 
+def knn_record(name: str, score) -> dict:
+    """A ``KNNScore`` as metrics: ``name`` (the accuracy), ``name_low`` / ``name_high`` (its 95 % interval)."""
+    return {name: score.accuracy, f"{name}_low": score.low, f"{name}_high": score.high}
+
+
 def train(config, data_dir, run_dir, resume=None) -> dict:
     """Pretrain on the slice store at ``data_dir``; checkpoints, metrics and config go to ``run_dir``.
 
@@ -230,11 +241,12 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
                     desc="pretrain", unit="step", dynamic_ncols=True)
     first_losses, last_losses, last_monitors, steps_timed = None, None, {}, 0
     skips = SkipCounter(device)
+    fixed_point = monitors.FixedPointWatch(int(config.train.fixed_point_patience))
     done, stopped, checkpoint_path = start_step, None, None
     loader = step_loader(store, config, dist_info.rank, dist_info.world_size, start_step)
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, then=loader.worker_init_fn)
     if knn is not None and start_step == 0:   # the baseline every later kNN value is read against
-        log.log(0, {"monitor/knn_accuracy_init": knn.accuracy(embed, device, config.crops.global_size)})
+        log.log(0, knn_record("monitor/knn_accuracy_init", knn.accuracy(embed, device, config.crops.global_size)))
     started = step_clock = time.perf_counter()
     for step, batch in zip(range(start_step, iters), loader):
         result = run_step(step, batch)
@@ -259,10 +271,16 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
                 last_losses = result.losses
                 first_losses = first_losses or last_losses
                 if monitor_due:
-                    last_monitors = {f"monitor/{k}": v
-                                     for k, v in collapse_monitors(result.student_out, result.extra, config).items()}
+                    values = collapse_monitors(result.student_out, result.extra, config,
+                                               result.scheduled["teacher_temp"])
+                    last_monitors = {f"monitor/{k}": v for k, v in values.items()}
+                    warning = ("teacher_logit_spread_over_temp" in values and fixed_point.update(
+                        done, values["teacher_logit_spread_over_temp"], values["teacher_top_direction_share"]))
+                    if warning and dist_info.is_main:
+                        progress.write(warning, file=sys.stderr)
                 if knn_due:
-                    last_monitors["monitor/knn_accuracy"] = knn.accuracy(embed, device, config.crops.global_size)
+                    last_monitors.update(knn_record("monitor/knn_accuracy",
+                                                    knn.accuracy(embed, device, config.crops.global_size)))
                 img_per_s = local_batch * steps_timed / max(time.perf_counter() - step_clock, 1e-9)
                 log.log(step, {**{f"loss/{k}": v for k, v in last_losses.items()}, **result.scheduled,
                                "grad_norm": result.grad_norm, "img_per_s_per_device": img_per_s,
