@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from dicom_files import write_12bit_lossy_jpeg, write_mosaic_series, write_series_with_unparsable_member
 
 from braindino.errors import InputError
 from braindino.ingest import (
@@ -361,6 +362,10 @@ def bad_files(folder):
     (folder / "notes").mkdir()
     (folder / "notes" / "readme.txt").write_text("no images here", encoding="utf-8")
     kinds.append((folder / "notes", "", ["no readable DICOM series"]))
+    kinds.append((write_mosaic_series(folder / "mosaic"), "", ["mosaic"]))
+    kinds.append((write_series_with_unparsable_member(folder / "damaged_member"), "",
+                  ["zz_damaged.dcm", "cannot be parsed"]))
+    kinds.append((write_12bit_lossy_jpeg(folder / "lossy.dcm"), "", ["pixel data could not be decoded: 12-bit"]))
     return kinds
 
 
@@ -377,7 +382,8 @@ def test_every_bad_file_kind_through_the_prepare_command(tmp_path):
     from braindino.store import SliceStore
 
     kinds = bad_files(tmp_path)
-    good = nifti(tmp_path / "good.nii.gz", head_like_volume(np.random.default_rng(0)))
+    good = nifti(tmp_path / "good.nii.gz", head_like_volume(np.random.default_rng(0)),
+                 np.diag([3.2, 3.2, 5.0, 1.0]))                       # a head 102 mm across: no geometry warning
     rows = [{"path": str(path), "subject": f"s{i:02d}", "volume_index": index}
             for i, (path, index, _) in enumerate(kinds)]
     rows.insert(len(rows) // 2, {"path": str(good), "subject": "good", "volume_index": ""})

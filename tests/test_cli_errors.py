@@ -11,6 +11,7 @@ from braindino.errors import InputError
 LABELS = ["--task", "classification", "--target", "dx"]
 COMMANDS = {   # every command with an --out, with the least it needs besides --out / --manifest
     "synth": [],
+    "manifest": ["--bids", "{manifest}"],
     "prepare": ["--manifest", "{manifest}"],
     "train": ["--config", "dino_vit_tiny_cpu", "--data", "{manifest}"],
     "export": ["--checkpoint", "{manifest}"],

@@ -239,7 +239,8 @@ def test_moved_file_takes_over_its_stored_slices(cohort, tmp_path, capsys, worke
     capsys.readouterr()
     assert prepare(cohort, store_dir, "--workers", workers) == 0
     console = capsys.readouterr().out
-    assert "0 volumes stored, 2 unchanged, 0 failed, 2 moved;" in console and "warning" not in console
+    assert "0 volumes stored, 2 unchanged, 0 failed, 2 moved;" in console
+    assert "no longer in the manifest" not in console
     assert json.loads((store_dir / "store.json").read_text())["shards"] == shards_before   # nothing re-ingested
     store = SliceStore(store_dir)
     kept = str(tmp_path / "sub-001_T1.nii.gz")                # not in the manifest, but its file exists: kept
@@ -263,7 +264,7 @@ def test_stored_volumes_whose_files_are_gone_are_dropped_with_one_warning(cohort
     capsys.readouterr()
     assert prepare(cohort, store_dir) == 0
     console = capsys.readouterr().out
-    warnings = [line for line in console.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in console.splitlines() if "no longer in the manifest" in line]
     assert len(warnings) == 1 and str(gone) in warnings[0] and str(kept) not in warnings[0]
     assert "1 stored volumes dropped (file gone, not in the manifest)" in console
     paths = SliceStore(store_dir).volumes["path"].tolist()

@@ -114,6 +114,27 @@ def test_empty_labels_are_dropped_and_counted():
     data.loc[0, "dx"] = ""
     table = build_table(data, EndpointSpec("dx", "classification", target="dx"))
     assert len(table.subjects) == 9 and table.dropped == {"empty label": 2}   # sub-00 keeps its FLAIR label
+    assert table.unlabelled_subjects == ("sub-03",)
+
+
+@pytest.mark.parametrize("token", ["n/a", "NA", " None ", "nan", "NULL"])
+def test_missing_value_tokens_count_as_empty_labels(tmp_path, token, capsys):
+    from braindino.manifest import read_manifest
+    from braindino.probe.run import _print_unlabelled
+
+    data = cohort(10).drop(columns="volume_index").astype({"age": object})
+    data.loc[data["subject"].isin(["sub-03", "sub-07"]), "dx"] = token
+    data.loc[data["subject"] == "sub-05", "age"] = token
+    path = tmp_path / "manifest.csv"
+    data.to_csv(path, index=False)
+    table = build_table(read_manifest(path), EndpointSpec("dx", "classification", target="dx"))
+    assert len(table.subjects) == 8 and table.dropped == {"empty label": 4}
+    assert table.unlabelled_subjects == ("sub-03", "sub-07") and "None" not in table.classes
+    age = build_table(read_manifest(path), EndpointSpec("age", "regression", target="age"))
+    assert len(age.subjects) == 9 and age.unlabelled_subjects == ("sub-05",)
+    _print_unlabelled(table)
+    assert capsys.readouterr().err.strip() == ("probe: endpoint 'dx': 4 rows without a label (empty, n/a, NA, ...) "
+                                               "dropped, of 2 subjects: sub-03, sub-07")
 
 
 def test_protocol_errors_before_any_work():

@@ -17,6 +17,8 @@ from braindino.cli.boundary import CommandParser, guarded
 
 SUBCOMMANDS = {
     "synth": ("synth", "generate the embedded synthetic brain-MRI cohort (NIfTI + manifest.csv)"),
+    "manifest": ("manifest", "write a manifest CSV from a BIDS dataset (anatomical images, participants.tsv "
+                             "and sessions.tsv columns as labels)"),
     "prepare": ("prepare", "ingest a manifest's volumes into a memory-mapped slice store"),
     "train": ("train", "self-supervised pretraining (DINO/iBOT/KoLeo or SimCLR) on a slice store"),
     "export": ("export", "export a training checkpoint's backbone as a timm local-dir model folder"),

@@ -12,18 +12,17 @@ sits at output pixel ``(r - crop_offset[0], c - crop_offset[1])``.
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
 from braindino.errors import InputError
 from braindino.ingest.config import FOREGROUND_METHODS, PreprocessConfig
+from braindino.ingest.head_mask import head_mask
 from braindino.ingest.readers import Volume
 
 AUTO_NONZERO_MIN_ZERO_FRACTION = 0.3   # "auto" considers "nonzero" only with at least this share of exact zeros
 AUTO_AIR_LEVEL = 0.05   # "air": below this share of the 99th percentile of the non-zero voxels' magnitudes
-IN_PLANE_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
 MAX_RESAMPLED_SIDE_IN_SIZES = 4        # a resampled in-plane side longer than 4 x size means a wrong voxel size
 MAX_IN_PLANE_EXTENT_MM = 600.0         # no head is this wide; larger extents come from voxel sizes in wrong units
 UNITS_HINT = ("check the voxel size and its units in the header (NIfTI pixdim and xyzt_units: metres or microns "
@@ -37,7 +36,8 @@ class PreprocessedVolume:
     ``slices`` ``[K, size, size]`` float16 in [0, 1] (background 0); ``z_indices`` ``[K]`` int32 (Z index in
     :attr:`Volume.data`); ``foreground_fraction`` ``[K]`` float32 (share of the window that is foreground);
     ``affine`` ``[4, 4]`` and ``spacing`` are the canonical volume's; ``crop_offset`` (row, col) is where the output
-    window starts in the resampled in-plane grid of shape ``resampled_shape`` (negative = zero padding).
+    window starts in the resampled in-plane grid of shape ``resampled_shape`` (negative = zero padding);
+    ``foreground_extent_mm`` is the size of the whole volume's foreground bounding box along X, Y, Z in mm.
     """
 
     slices: np.ndarray
@@ -47,6 +47,7 @@ class PreprocessedVolume:
     spacing: tuple[float, float, float]
     crop_offset: tuple[int, int]
     resampled_shape: tuple[int, int]
+    foreground_extent_mm: tuple[float, float, float]
 
 
 def preprocess_volume(volume: Volume, config: PreprocessConfig) -> PreprocessedVolume:
@@ -88,7 +89,17 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig) -> PreprocessedV
         spacing=volume.spacing,
         crop_offset=crop_offset,
         resampled_shape=resampled_shape,
+        foreground_extent_mm=_extent_mm(mask, volume.spacing),
     )
+
+
+def _extent_mm(mask: np.ndarray, spacing) -> tuple[float, float, float]:
+    """Size in mm of the bounding box of the non-empty ``mask`` ``[X, Y, Z]`` along each axis (voxels x spacing)."""
+    extent = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(other for other in range(3) if other != axis)))
+        extent.append(float((present[-1] - present[0] + 1) * spacing[axis]))
+    return tuple(extent)
 
 
 def _check_in_plane_extent(volume: Volume, extent_mm: np.ndarray, resampled_shape: tuple[int, int],
@@ -129,20 +140,18 @@ def looks_skull_stripped(data: np.ndarray) -> bool:
 def foreground_mask(data: np.ndarray, method: str) -> np.ndarray:
     """Boolean ``[X, Y, Z]`` foreground of ``data`` ``[X, Y, Z]``.
 
-    ``nonzero``: voxels != 0 (skull-stripped or background-zeroed images). ``otsu``: above SimpleITK's Otsu
-    threshold, holes filled per axial slice. ``auto``: ``nonzero`` for a skull-stripped image, else ``otsu`` (see
-    :func:`looks_skull_stripped`).
+    ``nonzero``: voxels != 0 (skull-stripped or background-zeroed images). ``otsu``: the head mask of
+    :func:`braindino.ingest.head_mask.head_mask` (a threshold just above the background noise and never above
+    Otsu's, holes filled in 3D and per axial slice, the largest connected part), which keeps every voxel inside the
+    head on T1-, T2-, FLAIR- and b0-like contrasts. ``auto``: ``nonzero`` for a skull-stripped image, else ``otsu``
+    (see :func:`looks_skull_stripped`).
     """
     if method == "auto":
         method = "nonzero" if looks_skull_stripped(data) else "otsu"
     if method == "nonzero":
         return data != 0
     if method == "otsu":
-        # ITK reads the array as [z, y, x]; the threshold is a function of the voxel values only, and the mask
-        # comes back in the same memory layout, so no transposes are needed.
-        above = sitk.OtsuThreshold(sitk.GetImageFromArray(data), 0, 1)
-        return ndimage.binary_fill_holes(sitk.GetArrayViewFromImage(above).astype(bool),
-                                         structure=IN_PLANE_FILL_STRUCTURE)
+        return head_mask(data)
     raise ValueError(f"unknown foreground method {method!r}; expected one of {FOREGROUND_METHODS}")
 
 

@@ -21,6 +21,8 @@ FUSIONS = ("concat", "mean")
 POOLINGS = ("mean", "max", "meanmax", "hemispheres", "mil")
 HEADS = ("linear", "mlp", "knn")
 UNITS = ("auto", "subject", "volume")
+# A label cell holding one of these (any case, surrounding spaces ignored) counts as missing, like an empty cell.
+MISSING_LABEL_TOKENS = ("n/a", "na", "nan", "null", "none", "<na>", "#n/a")
 SPEC_KEYS = ("name", "task", "target", "time", "event", "mask", "sequences", "fusion", "pooling", "head", "unit",
              "brain_age_correction")
 
@@ -143,6 +145,7 @@ class SubjectTable:
     y: dict
     classes: list[str] | None
     dropped: dict[str, int] = field(default_factory=dict)
+    unlabelled_subjects: tuple[str, ...] = ()   # subjects with a row dropped for an empty or missing label
 
     @property
     def n_subjects(self) -> int:
@@ -176,6 +179,10 @@ def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
     spec = replace(spec, unit=_resolve_unit(table, spec, values, empty))
     build = _volume_samples if spec.unit == "volume" else _subject_samples
     samples, subjects, rows, labels, splits, dropped = build(where, table, spec, sequences, values, empty)
+    unlabelled_subjects = set(table.loc[empty.to_numpy(), "subject"].astype(str))
+    if spec.unit == "subject":   # a subject keeps its label from another row
+        unlabelled_subjects -= set(subjects)
+    unlabelled_subjects = tuple(sorted(unlabelled_subjects))
     if not samples:
         raise InputError(where, f"endpoint {spec.name!r}: no subject has a label"
                                 + (f" and all of {', '.join(sequences)}"
@@ -191,7 +198,8 @@ def build_table(manifest: pd.DataFrame, spec: EndpointSpec) -> SubjectTable:
     split = np.array([next(iter(split_of[subject])) for subject in subjects])
     split = split if (split != "").all() else None
     y, classes = _targets(spec, labels)
-    return SubjectTable(spec, sequences, np.array(samples), np.array(subjects), rows, split, y, classes, dropped)
+    return SubjectTable(spec, sequences, np.array(samples), np.array(subjects), rows, split, y, classes, dropped,
+                        unlabelled_subjects)
 
 
 def _resolve_unit(table: pd.DataFrame, spec: EndpointSpec, values: pd.Series, empty: pd.Series) -> str:
@@ -264,7 +272,8 @@ def _volume_samples(where, table, spec, sequences, values, empty) -> tuple:
 def _labels(where, table: pd.DataFrame, spec: EndpointSpec) -> tuple[pd.Series, pd.Series]:
     """Per-row label (task-specific value, tuple for survival) and an [rows] bool 'empty' mask; bad values raise."""
     def text(column):
-        return table[column].astype("string").fillna("").str.strip()
+        raw = table[column].astype("string").fillna("").str.strip()
+        return raw.mask(raw.str.lower().isin(MISSING_LABEL_TOKENS), "")
     if spec.task == "classification":
         raw = text(spec.target)
         return raw.map(_class_name), raw == ""
@@ -358,4 +367,4 @@ def restrict(table: SubjectTable, available_rows: set, reason: str) -> SubjectTa
     dropped[reason] = dropped.get(reason, 0) + sum(len(r) for r, k in zip(table.rows, keep) if not k)
     return SubjectTable(table.spec, table.sequences, table.samples[keep], table.subjects[keep],
                         [r for r, k in zip(table.rows, keep) if k], None if table.split is None else table.split[keep],
-                        {k: v[keep] for k, v in table.y.items()}, table.classes, dropped)
+                        {k: v[keep] for k, v in table.y.items()}, table.classes, dropped, table.unlabelled_subjects)

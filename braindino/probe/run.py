@@ -83,6 +83,18 @@ def apply_protocol(table, protocol: str, where):
     return table
 
 
+UNLABELLED_SHOWN = 5
+
+
+def _print_unlabelled(table) -> None:
+    """One console line: how many rows of which subjects the endpoint dropped for an empty or missing label."""
+    names = table.unlabelled_subjects
+    shown = ", ".join(names[:UNLABELLED_SHOWN]) + (f" and {len(names) - UNLABELLED_SHOWN} more"
+                                                  if len(names) > UNLABELLED_SHOWN else "")
+    print(f"probe: endpoint {table.spec.name!r}: {table.dropped.get('empty label', 0)} rows without a label "
+          f"(empty, n/a, NA, ...) dropped, of {len(names)} subjects: {shown}", file=sys.stderr)
+
+
 def endpoint_tables(manifest, specs, protocol, settings, seeds, folds, explicit_shots, skip_infeasible=False):
     """One SubjectTable per endpoint this cohort can support (``skip_infeasible``: the others skipped with one
     line each, else the first raises); masks of segmentation endpoints must be on their image's grid."""
@@ -100,6 +112,8 @@ def endpoint_tables(manifest, specs, protocol, settings, seeds, folds, explicit_
                 raise
             print(f"probe: endpoint {spec.name!r} skipped: {err.cause} — {err.hint}", file=sys.stderr)
             continue
+        if table.unlabelled_subjects:
+            _print_unlabelled(table)
         tables.append(table)
     if not tables:
         raise InputError(where, "no endpoint can be probed on this cohort", "label more subjects")
@@ -118,7 +132,7 @@ def run_probe(model, manifest, out, *, endpoints=None, task=None, target=None, t
               brain_age_correction=False, baselines=(), default_baselines=True, fractions=(1, 10, 25, 50, 100),
               shots=None, seeds=(0, 1, 2), folds=5, protocol="auto", n_bootstrap=1000, features=None,
               skip_infeasible=False, workers=DEFAULT_WORKERS, batch_size=64, slice_stride=1, device=None,
-              command=None) -> ProbeRun:
+              finetune=(), epochs=30, max_slices=16, scratch_size=64, command=None) -> ProbeRun:
     """Probe ``model`` (a :func:`~braindino.load_encoder` spec) against its baselines on ``manifest``'s endpoints
     into the run folder ``out``.
 
@@ -126,10 +140,15 @@ def run_probe(model, manifest, out, *, endpoints=None, task=None, target=None, t
     ``mask`` and the pooling arguments. ``fractions`` in percent, ``shots`` per class (None: 1 and 5 where every
     class has enough subjects), ``protocol`` "auto" | "split" | "cv". ``features``: an existing features folder of
     the model; the other encoders are extracted into ``out/features/<encoder>/`` (reused on a rerun).
+
+    End-to-end rows (:mod:`braindino.probe.trained`), trained per training set on the same splits: ``"scratch"``
+    among ``baselines`` (a small CNN from random init), each ``finetune`` spec (``"last:K"``, ``"lora:R"``: the
+    model fine-tuned); ``epochs`` (at most, early-stopped), ``max_slices`` per volume, ``scratch_size`` (px).
     ``command``: what the run records as its command line. Raises InputError for bad input (nothing written)."""
     from braindino.manifest import assert_no_duplicate_rows, read_manifest
     from braindino.probe.protocols import parse_settings
     from braindino.probe.scoring import score_endpoints
+    from braindino.probe.trained import SCRATCH, SliceCollector, TrainingOptions, parse_finetune, trained_encoders
 
     started = perf_counter()
     run_dir = Path(out)
@@ -137,6 +156,13 @@ def run_probe(model, manifest, out, *, endpoints=None, task=None, target=None, t
     explicit_shots = shots is not None
     shots = [int(k) for k in (shots if explicit_shots else (1, 5))]
     check_options(fractions, shots, seeds, folds, slice_stride)
+    baselines = [str(b) for b in baselines]
+    scratch, baselines = SCRATCH in baselines, [b for b in baselines if b != SCRATCH]
+    finetune = [str(f) for f in (finetune or ())]
+    for spec in finetune:
+        parse_finetune(spec)
+    options = TrainingOptions(int(epochs), int(max_slices), int(scratch_size),
+                              device=_training_device(device)).check()
     settings = parse_settings(fractions, shots)
     table_manifest = read_manifest(manifest)
     assert_no_duplicate_rows(table_manifest)
@@ -152,14 +178,30 @@ def run_probe(model, manifest, out, *, endpoints=None, task=None, target=None, t
     if patch_tokens and slice_stride != 1:
         raise InputError("--slice-stride", "segmentation predicts every slice of a volume",
                          "pass --slice-stride 1 (or probe the segmentation endpoint in its own run)")
+    preprocessing = encoders[0].encoder.preprocessing
+    trained = trained_encoders(encoders[0], scratch, finetune, options, slice_stride)
+    if trained and all(t.spec.task == "segmentation" for t in tables):
+        print("probe: --baseline scratch / --finetune skipped: segmentation endpoints only", file=sys.stderr)
+        trained = []
+    collector = SliceCollector(trained, options.max_slices)
     failed = extract_features(encoders, used, run_dir / "features", features, batch_size, workers, patch_tokens,
-                              slice_stride)
+                              slice_stride, tap=(preprocessing, collector) if trained else None)
+    failed += collector.read_missing(used, preprocessing, slice_stride, workers)
+    encoders += trained
     for entry in encoders:
         entry.release()
     results = score_endpoints(table_manifest, tables, encoders, settings, seeds, folds, explicit_shots, n_bootstrap,
                               workers, run_dir, command or shlex.join(["probe.py", *sys.argv[1:]]), started,
                               failed)
     return ProbeRun(results, failed, run_dir)
+
+
+def _training_device(device) -> str:
+    """Where the end-to-end rows train: the run's ``device`` when given, else cuda when there is one, else cpu."""
+    if device is not None:
+        return str(device)
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 __all__ = ["EncoderUnderTest", "ProbeRun", "apply_protocol", "check_options", "endpoint_specs", "endpoint_tables",

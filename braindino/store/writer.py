@@ -39,6 +39,7 @@ from tqdm import tqdm
 from braindino.atomic import atomic_path
 from braindino.errors import InputError, OutputError, write_error
 from braindino.ingest.config import PreprocessConfig
+from braindino.ingest.plausibility import implausible_geometry, warning_line
 from braindino.ingest.readers import content_hash
 from braindino.ingest.worker import ERROR_COLUMNS, VolumeFailure, error_record, prepare_volume, volume_failure
 from braindino.manifest import find_duplicate_rows, read_manifest
@@ -48,6 +49,8 @@ from braindino.store.format import (DEFAULT_SHARD_BYTES, ERRORS_CSV, LOCK_FILE, 
 DUPLICATE_CAUSE = "duplicate manifest row (same path and volume_index as an earlier row)"
 DUPLICATE_HINT = "remove the repeated row; the first one was processed"
 DROPPED_SHOWN = 3
+STORED_ANYWAY = "stored anyway (prepare --strict refuses such volumes)"
+STRICT_REFUSAL = "prepare without --strict stores such a volume with a warning"
 
 _worker_moved_hashes: frozenset = frozenset()   # in a worker process: the (content_hash, volume_index) of orphans
 
@@ -64,6 +67,7 @@ class PrepareReport:
     seconds: float = 0.0
     errors: list = field(default_factory=list)
     dropped: list = field(default_factory=list)   # paths of stored volumes dropped: not in the manifest, file gone
+    warned: int = 0           # volumes stored with an implausible-geometry warning
     writing_slices: int = 0   # slices of the volume being added (sizes the space a failed write needed)
 
     @property
@@ -80,26 +84,31 @@ class PrepareReport:
         moved = f", {self.moved} moved" if self.moved else ""
         dropped = (f"; {len(self.dropped)} stored volumes dropped (file gone, not in the manifest)"
                    if self.dropped else "")
-        return (f"{self.stored} volumes stored, {self.skipped} unchanged, {self.failed} failed{moved}{dropped}; "
+        warned = f", {self.warned} with warnings" if self.warned else ""
+        return (f"{self.stored} volumes stored, {self.skipped} unchanged, {self.failed} failed{warned}{moved}"
+                f"{dropped}; "
                 f"{self.slices_written} slices written ({self.store_slices} in store); "
                 f"{self.seconds:.1f} s, {rate:.2f} volumes/s")
 
 
 @dataclass
 class _Task:
-    """One manifest row to ingest; ``stored_hash`` is the content hash of its stored copy, if any."""
+    """One manifest row to ingest; ``stored_hash`` is the content hash of its stored copy, if any; ``strict``:
+    refuse a volume with implausible geometry instead of storing it with a warning."""
 
     position: int
     path: str
     volume_index: int | None
     stored_hash: str | None
     config: PreprocessConfig
+    strict: bool = False
 
 
 @dataclass
 class _Outcome:
-    """A worker's answer: status "stored" (with ``columns`` and [K, S, S] ``slices``), "unchanged", "moved"
-    (the file's content is an orphan's; ``columns`` holds its ``content_hash``) or "failed"."""
+    """A worker's answer: status "stored" (with ``columns``, [K, S, S] ``slices`` and, for an implausible volume,
+    its one-line ``warning``), "unchanged", "moved" (the file's content is an orphan's; ``columns`` holds its
+    ``content_hash``) or "failed"."""
 
     position: int
     status: str
@@ -108,6 +117,7 @@ class _Outcome:
     z_indices: np.ndarray | None = None
     cause: str = ""
     hint: str = ""
+    warning: str = ""
 
 
 def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
@@ -126,6 +136,10 @@ def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
     if isinstance(result, VolumeFailure):
         return _Outcome(task.position, "failed", cause=result.cause, hint=result.hint)
     volume, prepared = result
+    warnings = implausible_geometry(volume, prepared)
+    if warnings and task.strict:
+        return _Outcome(task.position, "failed", cause="; ".join(w.cause for w in warnings),
+                        hint=f"{'; '.join(w.hint for w in warnings)}; {STRICT_REFUSAL}")
     columns = {
         "content_hash": digest,
         "spacing_x": prepared.spacing[0], "spacing_y": prepared.spacing[1], "spacing_z": prepared.spacing[2],
@@ -134,7 +148,8 @@ def _ingest(task: _Task, moved_hashes: frozenset) -> _Outcome:
         "resampled_rows": prepared.resampled_shape[0], "resampled_cols": prepared.resampled_shape[1],
         "affine": json.dumps(np.asarray(prepared.affine, dtype=np.float64).tolist()),
     }
-    return _Outcome(task.position, "stored", columns, prepared.slices, prepared.z_indices)
+    return _Outcome(task.position, "stored", columns, prepared.slices, prepared.z_indices,
+                    warning=warning_line(warnings) if warnings else "")
 
 
 def _prepare_worker(moved_hashes: frozenset) -> None:
@@ -228,14 +243,16 @@ def _committed_volumes(out_dir: Path) -> int:
 
 
 def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None, workers: int = 1,
-                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> PrepareReport:
+                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, strict: bool = False
+                  ) -> PrepareReport:
     """Ingest the volumes listed in ``manifest_path`` into the store folder ``out_dir``.
 
     Manifest-level problems (unreadable CSV, missing columns, a column name the store reserves) and a store
     that cannot be appended to (other preprocessing config, unknown format version, another writer running)
     raise InputError before anything is written. Per-volume problems are collected in the returned report,
-    printed and written to ``out_dir/errors.csv``. Moved files and stored volumes whose files are gone are handled
-    as the module docstring says.
+    printed and written to ``out_dir/errors.csv``. A volume with implausible geometry
+    (:mod:`braindino.ingest.plausibility`) is stored with one ``warning:`` line, or with ``strict`` refused like a
+    bad file. Moved files and stored volumes whose files are gone are handled as the module docstring says.
     """
     started = time.perf_counter()
     config = config or PreprocessConfig()
@@ -250,7 +267,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
     report = PrepareReport()
     committed_before = _committed_volumes(out_dir)
     try:
-        _build(out_dir, rows, duplicates, config, workers, shard_bytes, progress, report)
+        _build(out_dir, rows, duplicates, config, workers, shard_bytes, progress, strict, report)
     except OSError as err:
         _remove_temporary_files(out_dir)
         committed = _committed_volumes(out_dir)
@@ -269,7 +286,7 @@ def prepare_store(manifest_path, out_dir, config: PreprocessConfig | None = None
 
 
 def _build(out_dir: Path, rows: list, duplicates: set, config: PreprocessConfig, workers: int, shard_bytes: int,
-           progress: bool, report: PrepareReport) -> None:
+           progress: bool, strict: bool, report: PrepareReport) -> None:
     with StoreBuilder(out_dir, config.to_dict(), config.size, config.size, shard_bytes) as builder:
         orphans = _orphans_by_content(builder, {volume_key(row["path"], row.get("volume_index")) for row in rows})
         taken_over: set = set()
@@ -279,7 +296,7 @@ def _build(out_dir: Path, rows: list, duplicates: set, config: PreprocessConfig,
                 _report_failure(report, row, DUPLICATE_CAUSE, DUPLICATE_HINT, tqdm.write)
             else:
                 key = volume_key(row["path"], row.get("volume_index"))
-                tasks.append(_Task(position, key[0], key[1], builder.stored_hash(key), config))
+                tasks.append(_Task(position, key[0], key[1], builder.stored_hash(key), config, strict))
         outcomes = _outcomes(tasks, workers, frozenset(orphans))
         try:
             bar = tqdm(outcomes, total=len(tasks), desc="prepare", unit="vol", disable=not progress)
@@ -299,6 +316,9 @@ def _build(out_dir: Path, rows: list, duplicates: set, config: PreprocessConfig,
                     builder.drop_volume(key)
                     _report_failure(report, row, outcome.cause, outcome.hint, bar.write)
                 else:
+                    if outcome.warning:
+                        bar.write(f"warning: {row['path']}: {outcome.warning}; {STORED_ANYWAY}")
+                        report.warned += 1
                     report.writing_slices = len(outcome.slices)
                     builder.add_volume({"path": key[0], "volume_index": key[1], **metadata, **outcome.columns},
                                        outcome.slices, outcome.z_indices)
