@@ -24,7 +24,8 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     config = json.loads((demo / "model" / "config.json").read_text(encoding="utf-8"))
     assert config["braindino"]["provenance"]["objective"] == "simclr" and (demo / "model" / "model.safetensors").exists()
     results = ProbeResults.from_dict(json.loads((demo / "probe" / "metrics.json").read_text(encoding="utf-8")))
-    assert [e.role for e in results.encoders] == ["model", "baseline", "baseline"]
+    assert [e.name for e in results.encoders] == ["model", "random_like", "pixels", "scratch"]
+    assert [e.role for e in results.encoders] == ["model", "baseline", "baseline", "baseline"]
     assert results.command.startswith("braindino probe --model ")          # the probe's own command, not the demo's
     endpoints = {e.name: e for e in results.endpoints}
     assert {"sequence", "age"} <= set(endpoints)

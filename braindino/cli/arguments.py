@@ -68,9 +68,10 @@ def add_out(parser: argparse.ArgumentParser, metavar: str, help: str, required: 
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser, several_models: bool = False,
-                          baselines: bool = True) -> None:
+                          baselines: bool = True, scratch: bool = False) -> None:
     """``--model`` (repeatable with ``several_models``: the first is the model under test), ``--baseline`` and
-    ``--no-default-baselines`` (with ``baselines``), ``--device``."""
+    ``--no-default-baselines`` (with ``baselines``; ``scratch``: the help names the probe's ``scratch``),
+    ``--device``."""
     specs = "a braindino model folder (braindino export), random:<arch>[:seed], pixels[:grid] or a timm local-dir ViT"
     if several_models:
         parser.add_argument("--model", action="append", required=True, metavar="MODEL",
@@ -80,7 +81,9 @@ def add_encoder_arguments(parser: argparse.ArgumentParser, several_models: bool 
     if baselines:
         parser.add_argument("--baseline", action="append", default=[], metavar="SPEC",
                             help="extra baseline encoder (same specs as --model; random:/pixels copy the model's "
-                                 "preprocessing); repeatable")
+                                 "preprocessing)" + ("; scratch: a small CNN trained from random init on each "
+                                                     "training set's labels (see --epochs)" if scratch else "")
+                                 + "; repeatable")
         parser.add_argument("--no-default-baselines", action="store_true",
                             help="do not add the default baselines random_like (random init of the model's "
                                  "architecture) and pixels (the non-deep pixel baseline)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from braindino.atomic import atomic_write_text
 from braindino.cli.arguments import add_out, add_workers, comma_list, positive_int
-from braindino.demo import CONFIG, ENDPOINTS_YAML, StageClock, demo_summary, heldout_comparison
+from braindino.demo import CONFIG, ENDPOINTS_YAML, SCRATCH_ARGS, StageClock, demo_summary, heldout_comparison
 from braindino.demo_report import write_demo_report
 
 
@@ -36,6 +36,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], metavar="LIST",
                         help="probe seeds (default 0,1,2)")
     parser.add_argument("--bootstrap", type=positive_int, default=500, help="bootstrap resamples for CIs and paired tests")
+    parser.add_argument("--no-scratch", action="store_true",
+                        help="leave the supervised-from-scratch CNN baseline out of the probe (it adds about a minute)")
+    parser.add_argument("--finetune", action="append", default=[], metavar="last:K|lora:R",
+                        help="also fine-tune the pretrained ViT per training set in the probe (tens of minutes on a "
+                             "CPU; default: not run)")
     parser.add_argument("--slice-stride", type=positive_int, default=4,
                         help="probe on every K-th axial slice of the held-out volumes (default 4: 6 mm apart at "
                              "1.5 mm)")
@@ -91,6 +96,8 @@ def run(args) -> int:
                           "--endpoints", str(endpoints), "--protocol", "cv", "--skip-infeasible",
                           "--fractions", fractions, *(["--shots", shots] if shots is not None else []),
                           "--slice-stride", str(args.slice_stride),
+                          *([] if args.no_scratch else SCRATCH_ARGS),
+                          *[a for spec in args.finetune for a in ("--finetune", spec)],
                           "--seeds", seeds, "--bootstrap", str(args.bootstrap), "--workers",
                           str(args.workers), "--out", str(probe_dir)])
 
@@ -143,7 +150,8 @@ def run(args) -> int:
              lambda: braindino(["export", "--checkpoint", str(run_dir), "--out", str(model)]))),
         ("held-out synth", f"synthesising {args.heldout_subjects} held-out subjects (seed {args.seed + 1}) into "
                            f"{heldout}", lambda: synth(heldout, args.heldout_subjects, args.seed + 1)),
-        ("probe", f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels) into "
+        ("probe", f"probing the held-out cohort's endpoints (pretrained vs random init vs pixels"
+                  f"{'' if args.no_scratch else ' vs scratch'}) into "
                   f"{probe_dir}", unless_done(probe_dir / "metrics.json", model / "config.json")(probe)),
         ("robustness", f"robustness of the sequence probe to gamma, bias field and Gibbs ringing into "
                        f"{robustness_dir}", unless_done(robustness_dir / "metrics.json", model / "config.json")(

@@ -235,7 +235,7 @@ class _Target:
 
 
 def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: int = 2, patch_tokens: bool = False,
-                    progress: bool = True, slice_stride: int = 1) -> list[tuple[Features, ExtractReport]]:
+                    progress: bool = True, slice_stride: int = 1, tap=None) -> list[tuple[Features, ExtractReport]]:
     """Embed the volumes of ``manifest`` with several encoders: ``jobs`` = [(encoder, features folder)], one
     folder per encoder. Each volume is hashed once and read and preprocessed once per distinct preprocessing; each
     folder ends up as :func:`extract_cohort` of its encoder alone would write it (the same files, bit for bit).
@@ -244,6 +244,10 @@ def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: 
     is written; a bad volume is one line on stderr (once, whichever encoders it failed for) and a row of each
     affected folder's ``errors.csv``. Returns [(opened features folder, that encoder's report)] in ``jobs`` order;
     every report's ``seconds`` is the whole run's.
+
+    ``tap`` = (PreprocessConfig, callback): ``callback(manifest position, slices [S, size, size] float16)`` for every
+    volume read with that preprocessing (its slices after ``slice_stride``; volumes served from the cache are not
+    read, so not tapped) — another consumer of the same slices (the probe's end-to-end rows) need not read again.
     """
     from braindino.extract.features import open_features
     from braindino.manifest import read_manifest
@@ -275,9 +279,12 @@ def extract_cohorts(jobs: list[tuple], manifest, batch_size: int = 64, workers: 
         target.report.slices += len(item["z"])
         bar.update(1)
 
+    tapped = next((n for n, t in enumerate(targets) if tap is not None and t.encoder.preprocessing == tap[0]), None)
     for item in loader:
         row, printed = rows[item["position"]], set()
         for number, result in sorted(item["members"].items()):
+            if number == tapped and result["status"] == "read":
+                tap[1](item["position"], result["slices"])
             target = targets[number]
             if result["status"] == "failed":
                 target.report.errors.append(error_record(row, VolumeFailure(result["cause"], result["hint"])))

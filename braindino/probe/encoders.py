@@ -66,6 +66,9 @@ def load_encoders(model, baselines=(), default_baselines: bool = True, device=No
     encoders = [EncoderUnderTest(_display_name(model), "model", str(model), loaded)]
     specs = (list(DEFAULT_BASELINES) if default_baselines else []) + [str(b) for b in baselines]
     for spec in dict.fromkeys(specs):
+        if spec == "scratch":
+            raise InputError("--baseline", "scratch trains a network end to end on each training set's labels: "
+                                           "only the probe runs it", "leave --baseline scratch out here")
         if spec == "random_like":   # a model that is itself random:<arch>:0 gets a baseline with other weights
             encoder = loaded.random_like(seed=0)
             if encoder.fingerprint == loaded.fingerprint:
@@ -81,13 +84,13 @@ def load_encoders(model, baselines=(), default_baselines: bool = True, device=No
 
 def extract_features(encoders: list[EncoderUnderTest], used, features_root, model_features=None,
                      batch_size: int = 64, workers: int = 2, patch_tokens: bool = False, slice_stride: int = 1,
-                     stage: str = "probe") -> int:
+                     stage: str = "probe", tap=None) -> int:
     """Give every encoder its features of the manifest rows ``used`` (a ``read_manifest`` DataFrame) and their
     ``rows``; returns the number of (encoder, volume) pairs that could not be embedded.
 
     ``model_features``: an existing features folder of the model (checked against its fingerprint); every other
     encoder is extracted into (or reused from) ``features_root/<slug>/``, all of them together
-    (:func:`~braindino.extract.extract_cohorts`)."""
+    (:func:`~braindino.extract.extract_cohorts`; ``tap``: passed on, called with ``used``'s row labels)."""
     from braindino.extract import extract_cohorts, open_features
     from braindino.probe.inputs import check_fingerprint, feature_rows
 
@@ -100,8 +103,11 @@ def extract_features(encoders: list[EncoderUnderTest], used, features_root, mode
             jobs.append((entry, Path(features_root) / entry.slug))
     if jobs:
         print(f"{stage}: features of {', '.join(e.name for e, _ in jobs)} -> {Path(features_root)}", file=sys.stderr)
+        relabelled = None if tap is None else (tap[0], lambda position, slices: tap[1](int(used.index[position]),
+                                                                                      slices))
         extracted = extract_cohorts([(entry.encoder, folder) for entry, folder in jobs], used, batch_size=batch_size,
-                                    workers=workers, patch_tokens=patch_tokens, slice_stride=slice_stride)
+                                    workers=workers, patch_tokens=patch_tokens, slice_stride=slice_stride,
+                                    tap=relabelled)
         for (entry, _folder), (features, _report) in zip(jobs, extracted):
             entry.features = features
     failed = 0

@@ -134,20 +134,23 @@ def _subset_seed(seed: int, fold: int) -> int:
 
 
 def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: int,
-             attention: bool = False, groups=None) -> dict:
+             attention: bool = False, groups=None, factory=None) -> dict:
     """Fit + predict every fold of one cell → dict(pred: prediction set in sample order with ``fold`` [m] (the
-    fold index), positions [m], fold_names [m], head_parameters, n_train (mean over folds), notes [str]; with
-    ``attention`` (MIL heads) also attention: [m] arrays [S_i] of slice weights, in the same order).
-    ``groups`` [n] (the subject of every sample; volume unit): routed into every head's inner search."""
-    parts, positions, names, sizes, weights, notes, n_head = [], [], [], [], [], [], 0
+    fold index), positions [m], fold_names [m], head_parameters, frozen_parameters (None unless the estimator
+    says), n_train (mean over folds), notes [str]; with ``attention`` (MIL heads) also attention: [m] arrays [S_i]
+    of slice weights, in the same order). ``groups`` [n] (the subject of every sample; volume unit): routed into
+    every head's inner search. ``factory``: ``(task, spec, seed) -> estimator`` for the rows that bring their own
+    (end-to-end training, :mod:`braindino.probe.trained`); default :func:`make_head`."""
+    parts, positions, names, sizes, weights, notes, n_head, frozen = [], [], [], [], [], [], 0, None
     for k, (fold, train) in enumerate(zip(folds, subsets)):
-        estimator = make_head(task, spec, seed)
+        estimator = (factory or make_head)(task, spec, seed)
         part, fold_notes = fit_predict(task, estimator, inputs, y, train, fold.test, n_classes,
                                        None if groups is None else groups[train])
         part["fold"] = np.full(len(fold.test), k)
         parts.append(part)
         notes += [f"{fold.name}: {note}" for note in fold_notes]
-        n_head = head_parameters(estimator)
+        n_head = max(n_head, head_parameters(estimator))       # a fold that fell back fitted nothing
+        frozen = getattr(estimator, "frozen_parameters_", frozen)
         if attention:
             weights += estimator.attention(select(inputs, fold.test))
         positions.append(fold.test)
@@ -157,7 +160,8 @@ def run_cell(task: str, spec, inputs, y: dict, folds, subsets, n_classes, seed: 
     order = np.argsort(positions, kind="stable")
     pred = {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
     output = {"pred": pred, "positions": positions[order], "fold_names": np.array(names)[order],
-              "head_parameters": n_head, "n_train": float(np.mean(sizes)), "notes": notes}
+              "head_parameters": n_head, "frozen_parameters": frozen, "n_train": float(np.mean(sizes)),
+              "notes": notes}
     if attention:
         output["attention"] = [weights[i] for i in order]
     return output
@@ -212,7 +216,8 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
                       confidence: float, workers: int, progress) -> tuple[EndpointResult, list[dict]]:
     """Every cell of one endpoint → (EndpointResult, cell outputs for predictions.csv).
 
-    encoders: [{"name", "parameters", "inputs"}] (the model first); ``progress``: a tqdm-like bar (``update``).
+    encoders: [{"name", "parameters", "inputs", optional "factory"}] (the model first; ``parameters``: the
+    encoder's frozen parameters; ``factory``: see :func:`run_cell`); ``progress``: a tqdm-like bar (``update``).
     MIL heads: the model's cell at 100 % with the first seed also returns its test samples' ``attention``.
     """
     spec, task = table.spec, table.spec.task
@@ -222,7 +227,8 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
     jobs = (delayed(_cell_job)(task, spec, encoder["inputs"], table.y, table.subjects, plan.folds[seed],
                                plan.subsets[(setting.name, seed)], n_classes, seed, n_bootstrap, confidence,
                                spec.pooling == "mil" and encoder is encoders[0] and seed == seeds[0]
-                               and setting == Setting("fraction", 100.0), os.getpid(), grouped)
+                               and setting == Setting("fraction", 100.0), os.getpid(), grouped,
+                               encoder.get("factory"))
             for encoder, setting, seed in cells)
     outputs = []
     for output in Parallel(n_jobs=workers, return_as="generator")(jobs):
@@ -243,7 +249,8 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
         n_samples=len(table.samples), intervals=dict(INTERVALS[protocol]))
     rows = []
     for (encoder, setting, seed), output in zip(cells, outputs):
-        total = output["head_parameters"] + encoder["parameters"]
+        frozen = output["frozen_parameters"]
+        total = output["head_parameters"] + (encoder["parameters"] if frozen is None else frozen)
         subsets = plan.subsets[(setting.name, seed)]
         result.scores.append(Score(
             encoder=encoder["name"], setting=setting.name, kind=setting.kind, amount=setting.amount, seed=seed,
@@ -269,10 +276,17 @@ def evaluate_endpoint(table, plan: Plan, encoders: list[dict], seeds: list[int],
 def cell_notes(result: EndpointResult, rows: list[dict], n_bootstrap: int) -> list[str]:
     """Endpoint notes from the cells: head fallbacks and non-convergence, undefined log-rank p-values, CIs
     resting on fewer than ``MIN_VALID_SHARE`` of the resamples, flagged cells — each kind once, with a count."""
-    notes = []
-    for row in rows:
-        where = f"{row['encoder']} {row['setting'].name} seed {row['seed']}"
-        notes += [f"{where}, {note}" for note in row.get("notes", [])]
+    notes, grouped = [], {}
+    for row in rows:                      # the same note in several folds / seeds of one row and setting: one line
+        for note in row.get("notes", []):
+            fold, _, text = note.partition(": ")
+            grouped.setdefault((row["encoder"], row["setting"].name, text), []).append((row["seed"], fold))
+    for (encoder, setting, text), places in grouped.items():
+        if len(places) == 1:
+            notes.append(f"{encoder} {setting} seed {places[0][0]}, {places[0][1]}: {text}")
+        else:
+            seeds = ", ".join(str(seed) for seed in dict.fromkeys(seed for seed, _ in places))
+            notes.append(f"{encoder} {setting}, {len(places)} folds (seeds {seeds}): {text}")
     undefined = [s for s in result.scores if "logrank_p" in s.metrics and not np.isfinite(_nan(s.metrics[
         "logrank_p"].value))]
     if undefined:
@@ -298,7 +312,7 @@ def _nan(value):
 
 
 def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, n_bootstrap, confidence,
-              attention: bool, parent_pid: int, groups=None) -> dict:
+              attention: bool, parent_pid: int, groups=None, factory=None) -> dict:
     """One cell with single-threaded BLAS (small matrices: threads only contend) and, in a worker process,
     single-threaded torch (the workers already use the cores). An InputError comes back as
     ``{"error": (path, cause, hint)}`` (it does not cross a process boundary as an exception)."""
@@ -306,7 +320,7 @@ def _cell_job(task, spec, inputs, y, subjects, folds, subsets, n_classes, seed, 
         sys.modules["torch"].set_num_threads(1)
     with threadpool_limits(limits=1), quiet_expected_warnings():
         try:
-            output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention, groups)
+            output = run_cell(task, spec, inputs, y, folds, subsets, n_classes, seed, attention, groups, factory)
         except InputError as error:
             return {"error": (error.path, error.cause, error.hint)}
         output["scores"] = score_cell(task, output["pred"], subjects[output["positions"]], n_bootstrap, confidence)

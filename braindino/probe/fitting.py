@@ -123,9 +123,12 @@ def predict_set(task: str, estimator, test_inputs, y: dict, test: np.ndarray, n_
 
 
 def head_parameters(estimator) -> int:
-    """Trainable numbers of a fitted head: torch heads count their network's parameters; linear heads their
-    coefficients and intercepts; the kNN probe has none (it stores the training vectors); a brain-age correction
-    adds its slope and intercept to its regressor's."""
+    """Trainable numbers of a fitted head: an end-to-end network the numbers it trained (``trained_parameters_``);
+    torch heads count their network's parameters; linear heads their coefficients and intercepts; the kNN probe
+    has none (it stores the training vectors); a brain-age correction adds its slope and intercept to its
+    regressor's; an unfitted estimator 0."""
+    if hasattr(estimator, "trained_parameters_"):
+        return int(estimator.trained_parameters_)
     if hasattr(estimator, "regressor_"):
         return head_parameters(estimator.regressor_) + 2
     network = getattr(estimator, "network_", None)

@@ -98,9 +98,10 @@ def headline_lines(endpoint: EndpointResult, seeds: list[int]) -> list[str]:
                      f"over {agg.n_seeds} seed(s); seed {seeds[0]}: {_num(first.value)}{ci}")
     for comparison in endpoint.comparisons:
         if comparison.setting == setting:
+            holm = "" if comparison.p_holm is None else f", Holm {_num(comparison.p_holm)}"
             lines.append(f"{endpoint.name} · {comparison.model} − {comparison.baseline} @ {setting}: "
                          f"{metric} {_num(comparison.difference, signed=True)} [{_num(comparison.low)}, "
-                         f"{_num(comparison.high)}], paired bootstrap p = {_num(comparison.p_value)}")
+                         f"{_num(comparison.high)}], {comparison.method} p = {_num(comparison.p_value)}{holm}")
     return lines
 
 

@@ -2,8 +2,9 @@
 ``RUN/report.html``, written from the :class:`~braindino.probe.results.ProbeResults` tree and ``RUN/predictions.csv``.
 
 ``report.md``: the run (command, seeds, encoders); a summary in plain words per endpoint (did the model under test
-beat each baseline, by the paired test, at the smallest and the largest training fraction; if pretraining did not
-help, it says so); then per endpoint a scores table (encoders × settings; per metric the first seed's value with
+beat each baseline, by the paired test with Holm-adjusted p-values, at the smallest and the largest training
+fraction; if it beat none, that there is no significant evidence pretraining helped; fine-tuned rows compared with
+the frozen probe); then per endpoint a scores table (encoders × settings; per metric the first seed's value with
 its bootstrap CI and the mean ± std over seeds; n_train, n_test, fraction of parameters trained), the comparisons
 table, dropped rows, notes and the figures (relative links). Per-subject figures (ROC, confusion matrix,
 predicted-vs-true, Kaplan–Meier, mask overlay) show the model under test at the largest fraction, first seed.
@@ -72,14 +73,17 @@ def _run_lines(results: ProbeResults) -> list[str]:
 
 def _verdict(comparison: Comparison | None, higher_is_better: bool, alpha: float) -> str:
     """"better (p=…)" / "worse (p=…)" for a significant paired difference in the metric's good / bad direction,
-    else "no significant difference (p=…)"."""
+    else "no significant difference (p=…)". Significance is judged on the Holm-adjusted p-value when the comparison
+    has one (shown as "Holm …" beside the unadjusted p), else on the unadjusted p."""
     if comparison is None:
         return "not compared (setting not run)"
-    p = comparison.p_value
-    if p is None or not math.isfinite(p) or comparison.difference is None:
+    raw = comparison.p_value
+    if raw is None or not math.isfinite(raw) or comparison.difference is None:
         return "not testable (p undefined)"
+    holm = comparison.p_holm is not None and math.isfinite(comparison.p_holm)
+    p = comparison.p_holm if holm else raw
     gain = comparison.difference if higher_is_better else -comparison.difference
-    shown = "p" + (_p(p) if p < 0.001 else "=" + _p(p))
+    shown = "p" + (_p(raw) if raw < 0.001 else "=" + _p(raw)) + (f", Holm {_p(p)}" if holm else "")
     if p < alpha and gain > 0:
         return f"better ({shown})"
     if p < alpha and gain < 0:
@@ -99,9 +103,14 @@ def _summary(endpoint: EndpointResult, results: ProbeResults) -> str:
     metric = endpoint.headline
     higher = endpoint.higher_is_better[metric]
     alpha = 1 - results.confidence
-    baselines = [e.name for e in results.encoders if e.role == "baseline"]
+    scored = {s.encoder for s in endpoint.scores}
+    baselines = [e.name for e in results.encoders if e.role == "baseline" and e.name in scored]
+    finetuned = [e.name for e in results.encoders if e.role == "finetune" and e.name in scored]
+    methods = sorted({c.method for c in endpoint.comparisons}) or ["paired subject bootstrap"]
+    adjusted = any(c.p_holm is not None for c in endpoint.comparisons)
     text = (f"**{endpoint.name}** ({endpoint.task}; headline {metric}, {'higher' if higher else 'lower'} values "
-            f"are good): {results.model} vs each baseline by the paired subject bootstrap at α = {alpha:.2g}.")
+            f"are good): {results.model} vs each baseline by the {' / '.join(methods)} at α = {alpha:.2g}"
+            + (", Holm-adjusted over the endpoint's comparisons." if adjusted else "."))
     if not baselines:
         return text + " No baseline was run, so this run cannot say whether pretraining helped."
     found = {(c.setting, c.baseline): c for c in endpoint.comparisons}
@@ -121,8 +130,18 @@ def _summary(endpoint: EndpointResult, results: ProbeResults) -> str:
             parts.append(f"at {setting} {verdict}")
             verdicts.append(verdict)
         text += f" Against {baseline}: " + "; ".join(parts) + "."
+    for name in finetuned:
+        parts = []
+        for setting in _fraction_settings(endpoint):
+            comparison = found.get((setting, name))
+            verdict = _verdict(comparison, higher, alpha)
+            if comparison is not None and comparison.p_value is not None:
+                verdict += f", difference {_signed(comparison.difference)}"
+            parts.append(f"at {setting} {verdict}")
+        text += f" Frozen probe against {name} (fine-tuned): " + "; ".join(parts) + "."
     if not any(v.startswith("better") for v in verdicts):
-        text += " Pretraining did not help on this endpoint: the model beat no baseline at these training sizes."
+        text += (" No significant evidence that pretraining helped on this endpoint: the model beat no baseline at "
+                 "these training sizes.")
     elif all(v.startswith("better") for v in verdicts):
         text += " The model beat every baseline at these training sizes."
     if any(v.startswith("worse") for v in verdicts):
@@ -202,13 +221,13 @@ def _mean_std(endpoint: EndpointResult, encoder: str, setting: str, metric: str,
 
 def _comparisons_table(endpoint: EndpointResult, results: ProbeResults) -> list[str]:
     level = f"{results.confidence:.0%}"
-    lines = [f"| setting | model | baseline | metric | difference (model − baseline) [{level} CI] | p | subjects | "
-             "resamples | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | model | baseline | metric | difference (model − baseline) [{level} CI] | p | p (Holm) | "
+             "subjects | resamples | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in endpoint.comparisons:
         verdict = _verdict(c, endpoint.higher_is_better[c.metric], 1 - results.confidence)
         lines.append(f"| {c.setting} | {c.model} | {c.baseline} | {c.metric} | {_signed(c.difference)} "
-                     f"[{_signed(c.low)}, {_signed(c.high)}] | {_p(c.p_value)} | {c.n_subjects} | {c.n_resamples} | "
-                     f"{verdict.split(' (')[0]} |")
+                     f"[{_signed(c.low)}, {_signed(c.high)}] | {_p(c.p_value)} | {_p(c.p_holm)} | {c.n_subjects} | "
+                     f"{c.n_resamples} | {verdict.split(' (')[0]} |")
     return lines
 
 

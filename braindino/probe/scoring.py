@@ -24,16 +24,39 @@ def _segmentation_inputs(table, encoders: list[EncoderUnderTest]) -> list[dict]:
                  slice_size=e.features.model["preprocessing"]["size"]) for e in encoders]
 
 
-def score_endpoints(manifest, tables, encoders: list[EncoderUnderTest], settings, seeds, folds: int,
+def _is_trained(entry) -> bool:
+    from braindino.probe.trained import TrainedEncoder
+    return isinstance(entry, TrainedEncoder)
+
+
+def _endpoint_inputs(table, entry, where) -> tuple[dict, object]:
+    """What :func:`~braindino.probe.evaluate.evaluate_endpoint` reads for one encoder row, and its MIL slices
+    (None unless MIL pooling of a frozen encoder)."""
+    spec = table.spec
+    if _is_trained(entry):
+        return dict(name=entry.name, parameters=entry.frozen_parameters, inputs=entry.inputs(table),
+                    factory=entry.factory()), None
+    from braindino.probe.inputs import SubjectBags
+
+    bags = SubjectBags(table, entry.features, entry.rows)
+    if spec.pooling == "mil":
+        encoder_inputs, encoder_slices = bags.mil(spec.fusion, where)
+        return dict(name=entry.name, parameters=entry.parameters, inputs=encoder_inputs), encoder_slices
+    return dict(name=entry.name, parameters=entry.parameters, inputs=bags.pooled(spec.pooling, spec.fusion)), None
+
+
+def score_endpoints(manifest, tables, encoders: list, settings, seeds, folds: int,
                     explicit_shots: bool, n_bootstrap: int, workers: int, run_dir: Path, command: str,
                     started: float, failed: int):
     """Every endpoint × encoder × setting × seed → the run's :class:`~braindino.probe.results.ProbeResults`
-    (also written as metrics.json, predictions.csv and report.md under ``run_dir``)."""
+    (also written as metrics.json, predictions.csv and report.md under ``run_dir``). ``encoders``: the
+    :class:`EncoderUnderTest` rows (the model first), then any end-to-end rows
+    (:class:`~braindino.probe.trained.TrainedEncoder`: not run for segmentation endpoints)."""
     from tqdm import tqdm
 
+    from braindino.probe.compare import adjust_run
     from braindino.probe.endpoints import restrict
     from braindino.probe.evaluate import evaluate_endpoint, plan_endpoint
-    from braindino.probe.inputs import SubjectBags
     from braindino.probe.outputs import (headline_lines, prediction_rows, write_attention, write_metrics,
                                          write_predictions)
     from braindino.probe.report import write_report
@@ -44,31 +67,37 @@ def score_endpoints(manifest, tables, encoders: list[EncoderUnderTest], settings
     embedded = set.intersection(*(set(e.rows) for e in encoders))
     tables = [restrict(table, embedded, "not embedded") for table in tables]
     plans = [plan_endpoint(table, settings, seeds, folds, explicit_shots, where) for table in tables]
-    total = sum(len(encoders) * len(plan.settings) * len(seeds) for plan in plans)
+    frozen = [e for e in encoders if not _is_trained(e)]
+    trained = [e for e in encoders if _is_trained(e)]
+
+    def runs(table):
+        return frozen if table.spec.task == "segmentation" else encoders
+
+    total = sum(len(runs(table)) * len(plan.settings) * len(seeds) for table, plan in zip(tables, plans))
     bar = tqdm(total=total, desc="probe", unit="fit", file=sys.stderr)
     endpoints, rows, lines = [], [], []
     for table, plan in zip(tables, plans):
         spec = table.spec
         if spec.task == "segmentation":
-            result, cells = evaluate_segmentation(table, plan, _segmentation_inputs(table, encoders), seeds,
+            result, cells = evaluate_segmentation(table, plan, _segmentation_inputs(table, frozen), seeds,
                                                   n_bootstrap, CONFIDENCE, run_dir, bar)
+            if trained:
+                result.notes.append(f"{', '.join(e.name for e in trained)}: not run for segmentation (the "
+                                    "end-to-end rows predict one value per sample)")
         else:
-            inputs, slices = [], []
-            for entry in encoders:
-                bags = SubjectBags(table, entry.features, entry.rows)
-                if spec.pooling == "mil":
-                    encoder_inputs, encoder_slices = bags.mil(spec.fusion, where)
-                    slices.append(encoder_slices)
-                else:
-                    encoder_inputs = bags.pooled(spec.pooling, spec.fusion)
-                inputs.append(dict(name=entry.name, parameters=entry.parameters, inputs=encoder_inputs))
-            result, cells = evaluate_endpoint(table, plan, inputs, seeds, n_bootstrap, CONFIDENCE, max(1, workers),
-                                              bar)
+            pairs = [_endpoint_inputs(table, entry, where) for entry in encoders]
+            result, cells = evaluate_endpoint(table, plan, [inputs for inputs, _ in pairs], seeds, n_bootstrap,
+                                              CONFIDENCE, max(1, workers), bar)
+            if trained:
+                from braindino.probe.trained import training_note
+                result.notes += [entry.note() for entry in trained] + [training_note(trained)]
             for cell in cells:
                 if "attention" in cell:
-                    write_attention(run_dir / "attention" / f"{spec.name}.csv", table, cell, slices[0])
+                    write_attention(run_dir / "attention" / f"{spec.name}.csv", table, cell, pairs[0][1])
         endpoints.append(result)
         rows += prediction_rows(table, cells)
+    adjust_run(endpoints)
+    for result in endpoints:
         lines += headline_lines(result, seeds)
     bar.close()
     results = ProbeResults(
@@ -76,7 +105,7 @@ def score_endpoints(manifest, tables, encoders: list[EncoderUnderTest], settings
         n_bootstrap=n_bootstrap, confidence=CONFIDENCE, predictions="predictions.csv",
         elapsed_s=round(perf_counter() - started, 2),
         encoders=[EncoderInfo(e.name, e.role, e.spec, e.fingerprint, e.parameters,
-                              str(Path(e.features.root).resolve())) for e in encoders],
+                              "" if e.features is None else str(Path(e.features.root).resolve())) for e in encoders],
         endpoints=endpoints)
     write_predictions(run_dir / "predictions.csv", rows)
     write_metrics(run_dir / "metrics.json", results)
