@@ -127,6 +127,21 @@ def test_dino_head_single_layer():
     assert head(torch.randn(5, 24)).shape == (5, 10)
 
 
+def test_dino_head_batchnorm_normalises_over_all_leading_dims_with_batch_statistics():
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=24, out_dim=10, hidden_dim=32, bottleneck_dim=8, n_layers=3, batchnorm=True)
+    assert [type(m) for m in head.mlp] == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear, nn.BatchNorm1d, nn.GELU,
+                                           nn.Linear]
+    x = torch.randn(4, 3, 24) + 5.0                     # a component every token shares
+    out, bottleneck = head(x, return_bottleneck=True)
+    flat, _ = head(x.flatten(0, 1), return_bottleneck=True)
+    torch.testing.assert_close(out, flat.unflatten(0, (4, 3)))   # tokens of all samples form one batch
+    hidden = head.mlp[1](head.mlp[0](x.flatten(0, 1)))
+    torch.testing.assert_close(hidden.mean(0), torch.zeros(32), atol=1e-5, rtol=0)  # shared part removed
+    head.eval()                                         # no running statistics: eval normalises like train
+    torch.testing.assert_close(head(x), out)
+
+
 # ----------------------------------------------------------------------------------------------------- parameter_groups
 def _settings_by_name(model, groups):
     by_id = {}

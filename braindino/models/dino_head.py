@@ -17,6 +17,11 @@ class DINOHead(nn.Module):
     bottleneck vector is L2-normalised and multiplied by the prototype matrix ``[out_dim, bottleneck_dim]``, whose rows
     are kept at unit norm: the weight is weight-normalised (``W = g * V / ||V||`` row-wise) with ``g`` fixed to 1 and
     not trained. Logits are therefore cosine similarities in ``[-1, 1]``; the losses' temperatures set their scale.
+
+    ``batchnorm`` (DINO v1's ``use_bn``) puts a BatchNorm after each hidden Linear, always on the batch's own
+    statistics (no running averages, so the teacher normalises like the student and nothing but parameters is
+    averaged by the EMA; under DDP each process normalises over its local batch). It removes what every slice of
+    the batch shares before the bottleneck, so the cosine logits differ between slices from the first step.
     """
 
     def __init__(
@@ -26,6 +31,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         n_layers: int = 3,
+        batchnorm: bool = False,
     ):
         super().__init__()
         if n_layers < 1:
@@ -35,6 +41,8 @@ class DINOHead(nn.Module):
         for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(width_in, width_out))
             if index < n_layers - 1:
+                if batchnorm:
+                    layers.append(nn.BatchNorm1d(width_out, track_running_stats=False))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for module in self.mlp.modules():
@@ -54,7 +62,8 @@ class DINOHead(nn.Module):
         """``[..., in_dim]`` embeddings -> ``[..., out_dim]`` logits; with ``return_bottleneck`` also the
         L2-normalised bottleneck ``[..., bottleneck_dim]`` the logits are cosines of (the contrastive warm-up's
         embedding)."""
-        bottleneck = F.normalize(self.mlp(x), p=2, dim=-1, eps=_NORMALIZE_EPS)
+        bottleneck = F.normalize(self.mlp(x.flatten(0, -2)).unflatten(0, x.shape[:-1]), p=2, dim=-1,
+                                 eps=_NORMALIZE_EPS)
         logits = self.last_layer(bottleneck)
         return (logits, bottleneck) if return_bottleneck else logits
 

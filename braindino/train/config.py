@@ -33,6 +33,7 @@ DEFAULTS = {
         "head_hidden_dim": 2048,
         "head_bottleneck_dim": 256,
         "head_n_layers": 3,
+        "head_batchnorm": False,         # BatchNorm on batch statistics after each hidden layer (DINO v1's use_bn)
         "teacher_target": "sinkhorn",    # sinkhorn (Sinkhorn-Knopp, DINOv2) | centering (DINO softmax centring)
         "center_momentum": 0.9,
         "student_temp": 0.1,

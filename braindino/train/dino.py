@@ -163,7 +163,8 @@ def build_dino_networks(config, backbone: nn.Module) -> tuple[DINOStudent, DINOT
 
     def head(n_prototypes):
         return DINOHead(backbone.embed_dim, n_prototypes, hidden_dim=dino.head_hidden_dim,
-                        bottleneck_dim=dino.head_bottleneck_dim, n_layers=dino.head_n_layers)
+                        bottleneck_dim=dino.head_bottleneck_dim, n_layers=dino.head_n_layers,
+                        batchnorm=dino.head_batchnorm)
 
     dino_head = head(dino.n_prototypes)
     if ibot.loss_weight <= 0:
