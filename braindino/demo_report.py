@@ -51,7 +51,7 @@ def headline_wins(results, alpha: float = 0.05) -> dict[str, tuple[int, int]]:
     headline settings (each endpoint's smallest and largest training fraction), on the p-values Holm-adjusted over
     the run's headline comparisons (``p_holm_run``; metrics.json written before it existed: ``p_holm``, then
     ``p_value``). Fine-tuned rows are not baselines and are not counted."""
-    from braindino.probe.compare import headline_settings
+    from braindino.probe.compare import headline_settings, verdict
 
     baselines = [e.name for e in results.encoders if e.role == "baseline"]
     wins = {name: [0, 0] for name in baselines}
@@ -63,16 +63,8 @@ def headline_wins(results, alpha: float = 0.05) -> dict[str, tuple[int, int]]:
             if not found:
                 continue
             wins[name][1] += 1
-            wins[name][0] += any(_corrected_win(c, higher, alpha) for c in found)
+            wins[name][0] += any(verdict(c, higher, alpha, over_run=True) == "better" for c in found)
     return {name: (won, compared) for name, (won, compared) in wins.items()}
-
-
-def _corrected_win(comparison, higher_is_better: bool, alpha: float) -> bool:
-    p = next((v for v in (comparison.p_holm_run, comparison.p_holm, comparison.p_value) if v is not None), None)
-    if p is None or not p == p or comparison.difference is None:
-        return False
-    gain = comparison.difference if higher_is_better else -comparison.difference
-    return p < alpha and gain > 0
 
 
 def plain_words(results, alpha: float = 0.05) -> str:

@@ -20,9 +20,9 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     assert status == 0, out
     assert (demo / "cohort" / "manifest.csv").exists() and (demo / "store" / "store.json").exists()
     summary = json.loads((demo / "run" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["steps_run"] == 6 and summary["objective"] == "simclr"
+    assert summary["steps_run"] == 6 and summary["objective"] == "dino"
     config = json.loads((demo / "model" / "config.json").read_text(encoding="utf-8"))
-    assert config["braindino"]["provenance"]["objective"] == "simclr" and (demo / "model" / "model.safetensors").exists()
+    assert config["braindino"]["provenance"]["objective"] == "dino" and (demo / "model" / "model.safetensors").exists()
     results = ProbeResults.from_dict(json.loads((demo / "probe" / "metrics.json").read_text(encoding="utf-8")))
     assert [e.name for e in results.encoders] == ["model", "random_like", "pixels", "scratch"]
     assert [e.role for e in results.encoders] == ["model", "baseline", "baseline", "baseline"]

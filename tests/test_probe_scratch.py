@@ -263,6 +263,14 @@ def test_verdicts_and_the_demo_headline_count_only_corrected_wins(tmp_path):
     assert _verdict(_comparison("scratch", "100%", 0.1, 0.02, 0.08), True, 0.05) == \
         "no significant difference (p=0.020, Holm 0.080)"
     assert _verdict(_comparison("scratch", "100%", 0.1, 0.004, 0.012), True, 0.05) == "better (p=0.004, Holm 0.012)"
+    assert _verdict(_comparison("scratch", "100%", 0.1, 0.004, 0.012), True, 0.01) == \
+        "no significant difference (p=0.004, Holm 0.012)"                       # alpha is the caller's
+    assert _verdict(_comparison("scratch", "100%", -0.1, 0.0001, 0.0003), True, 0.05) == "worse (p<0.001, Holm <0.001)"
+    from braindino.demo import _verdict as demo_verdict
+    assert demo_verdict(_comparison("pixels", "100%", 0.1, 0.0001, 0.0003), True, 0.05) == \
+        "better than pixels (p<0.001, Holm <0.001)"
+    assert demo_verdict(_comparison("pixels", "100%", 0.1, 0.03, 0.06), True, 0.05).startswith(
+        "no significant difference vs pixels")
     encoders = [EncoderInfo("model", "model", "m", "f0", 10, ""), EncoderInfo("random_like", "baseline", "r", "f1",
                                                                                10, ""),
                 EncoderInfo("scratch", "baseline", "scratch", "f2", 5, ""),
@@ -277,9 +285,10 @@ def test_verdicts_and_the_demo_headline_count_only_corrected_wins(tmp_path):
         endpoint("a", [_comparison("random_like", "100%", 0.1, 0.001, 0.004, 0.01),
                        _comparison("scratch", "100%", 0.1, 0.001, 0.004, 0.2),        # significant before the run's
                        _comparison("model finetune last:1", "100%", 0.2, 0.001, 0.004, 0.001)]),   # Holm only
-        endpoint("b", [_comparison("random_like", "10%", -0.1, 0.001, 0.004, 0.01),   # significantly worse
-                       _comparison("scratch", "10%", 0.1, 0.001, 0.004, 0.03)])])
+        endpoint("b", [_comparison("random_like", "10%", -0.1, 0.0001, 0.0004, 0.0008),   # significantly worse
+                       _comparison("scratch", "10%", 0.1, 0.0001, 0.0004, 0.0009)])])   # p < 0.001 counts
     assert headline_wins(results) == {"random_like": (1, 2), "scratch": (1, 2)}
+    assert headline_wins(results, alpha=0.005) == {"random_like": (0, 2), "scratch": (1, 2)}
     sentence = plain_words(results)
     assert sentence.startswith("In plain words: the pretrained encoder beat random init on 1 of 2 endpoints and "
                                "the CNN trained from scratch on 1 of 2 endpoints")

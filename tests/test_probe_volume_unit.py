@@ -79,7 +79,7 @@ def test_sequence_classification_end_to_end(tiny_model, sequence_cohort, tmp_pat
         assert group["sample"].is_unique and len(group) == 3 * N_SUBJECTS
         assert (group.groupby("subject")["split"].nunique() == 1).all()
         assert group["split"].nunique() == 3
-    assert "27 volumes of 9 subjects" in (out / "report.md").read_text()
+    assert "27 volumes of 9 subjects" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def test_folds_and_subsets_never_share_a_subject():

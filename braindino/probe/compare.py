@@ -31,6 +31,27 @@ INTERVALS = {
 }
 
 
+def judged_p(comparison: Comparison, over_run: bool = False) -> float | None:
+    """The p-value a verdict is judged on: Holm-adjusted over the run's headline comparisons (``over_run``, where
+    the comparison has one), else over the endpoint's comparisons, else unadjusted; None when undefined."""
+    candidates = (comparison.p_holm_run, comparison.p_holm, comparison.p_value) if over_run else \
+        (comparison.p_holm, comparison.p_value)
+    p = next((v for v in candidates if v is not None), None)
+    return p if p is not None and np.isfinite(p) else None
+
+
+def verdict(comparison: Comparison, higher_is_better: bool, alpha: float, over_run: bool = False) -> str:
+    """"better" / "worse" (the model vs the comparison's baseline, significant at ``alpha`` on
+    :func:`judged_p`), "no significant difference", or "not testable" (p or the difference undefined)."""
+    p = judged_p(comparison, over_run)
+    if p is None or comparison.difference is None or not np.isfinite(comparison.difference):
+        return "not testable"
+    gain = comparison.difference if higher_is_better else -comparison.difference
+    if p < alpha and gain != 0:
+        return "better" if gain > 0 else "worse"
+    return "no significant difference"
+
+
 def fold_values(task: str, pred: dict, fold_names: np.ndarray, names) -> dict[str, list[float]]:
     """{metric: [K]} each metric on each fold's test samples (folds in name order; one entry for a split)."""
     out = {name: [] for name in names}

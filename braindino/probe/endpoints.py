@@ -22,7 +22,7 @@ POOLINGS = ("mean", "max", "meanmax", "hemispheres", "mil")
 HEADS = ("linear", "mlp", "knn")
 UNITS = ("auto", "subject", "volume")
 # A label cell holding one of these (any case, surrounding spaces ignored) counts as missing, like an empty cell.
-MISSING_LABEL_TOKENS = ("n/a", "na", "nan", "null", "none", "<na>", "#n/a")
+MISSING_LABEL_TOKENS = ("n/a", "na", "nan", "null", "<na>", "#n/a")   # "None" too, exactly (pandas)
 SPEC_KEYS = ("name", "task", "target", "time", "event", "mask", "sequences", "fusion", "pooling", "head", "unit",
              "brain_age_correction")
 

@@ -23,6 +23,7 @@ import pandas as pd
 from braindino.atomic import atomic_write_text
 from braindino.errors import InputError
 from braindino.probe import figures
+from braindino.probe.compare import judged_p, verdict
 from braindino.probe.results import Comparison, EndpointResult, ProbeResults
 
 FIGURES_DIR = "figures"
@@ -55,7 +56,7 @@ def _number(value, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _p(value) -> str:
+def format_p(value) -> str:
     """A p-value: three decimals, "<0.001" below that, "n/a" when undefined."""
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -72,23 +73,16 @@ def _run_lines(results: ProbeResults) -> list[str]:
 
 
 def _verdict(comparison: Comparison | None, higher_is_better: bool, alpha: float) -> str:
-    """"better (p=…)" / "worse (p=…)" for a significant paired difference in the metric's good / bad direction,
-    else "no significant difference (p=…)". Significance is judged on the Holm-adjusted p-value when the comparison
-    has one (shown as "Holm …" beside the unadjusted p), else on the unadjusted p."""
+    """:func:`~braindino.probe.compare.verdict` with its p-values: "better (p=…, Holm …)", "worse (…)", "no
+    significant difference (…)", or why there is none."""
     if comparison is None:
         return "not compared (setting not run)"
-    raw = comparison.p_value
-    if raw is None or not math.isfinite(raw) or comparison.difference is None:
+    judged = verdict(comparison, higher_is_better, alpha)
+    if judged == "not testable":
         return "not testable (p undefined)"
-    holm = comparison.p_holm is not None and math.isfinite(comparison.p_holm)
-    p = comparison.p_holm if holm else raw
-    gain = comparison.difference if higher_is_better else -comparison.difference
-    shown = "p" + (_p(raw) if raw < 0.001 else "=" + _p(raw)) + (f", Holm {_p(p)}" if holm else "")
-    if p < alpha and gain > 0:
-        return f"better ({shown})"
-    if p < alpha and gain < 0:
-        return f"worse ({shown})"
-    return f"no significant difference ({shown})"
+    raw, p = comparison.p_value, judged_p(comparison)
+    shown = "p" + (format_p(raw) if raw < 0.001 else "=" + format_p(raw)) + (f", Holm {format_p(p)}" if p != raw else "")
+    return f"{judged} ({shown})"
 
 
 def _fraction_settings(endpoint: EndpointResult) -> list[str]:
@@ -201,7 +195,7 @@ def _scores_table(endpoint: EndpointResult, results: ProbeResults) -> list[str]:
             cells = [encoder, setting, f"{score.n_train:g}", str(score.n_test), f"{100 * score.fraction_trained:.3g}%"]
             for metric in endpoint.metrics:
                 value = score.metrics[metric]
-                shown = _p(value.value) if metric.endswith("_p") else _number(value.value)
+                shown = format_p(value.value) if metric.endswith("_p") else _number(value.value)
                 if value.low is not None and value.high is not None:
                     shown += f" [{_number(value.low)}, {_number(value.high)}]"
                 cells += [shown, _mean_std(endpoint, encoder, setting, metric, len(results.seeds))]
@@ -226,7 +220,7 @@ def _comparisons_table(endpoint: EndpointResult, results: ProbeResults) -> list[
     for c in endpoint.comparisons:
         verdict = _verdict(c, endpoint.higher_is_better[c.metric], 1 - results.confidence)
         lines.append(f"| {c.setting} | {c.model} | {c.baseline} | {c.metric} | {_signed(c.difference)} "
-                     f"[{_signed(c.low)}, {_signed(c.high)}] | {_p(c.p_value)} | {_p(c.p_holm)} | {c.n_subjects} | "
+                     f"[{_signed(c.low)}, {_signed(c.high)}] | {format_p(c.p_value)} | {format_p(c.p_holm)} | {c.n_subjects} | "
                      f"{c.n_resamples} | {verdict.split(' (')[0]} |")
     return lines
 
