@@ -243,3 +243,84 @@ def test_killed_writer_leaves_readable_store(tmp_path):
     assert [float(store[i][0, 0]) for i in range(len(store))] == [0] * 4 + [1] * 4 + [2] * 4
     assert pd.read_csv(root / json.loads((root / "store.json").read_text())["index"] / "volumes.csv")[
         "path"].tolist() == ["/v0", "/v1", "/v2"]
+
+
+def test_batched_reads_equal_single_reads_in_any_order_across_shards(tmp_path, cohort):
+    build(tmp_path / "store", cohort, shard_slices=8)
+    store = SliceStore(tmp_path / "store")
+    expected = expected_slices(cohort)
+    rng = np.random.default_rng(1)
+    for indices in [rng.permutation(len(store)), rng.integers(0, len(store), 40), np.array([3, 3, -1, 0]),
+                    np.array([], dtype=np.int64)]:
+        batch = store.read_slices(indices)
+        assert batch.dtype == np.float16 and batch.shape == (len(indices), SIZE, SIZE) and batch.flags.owndata
+        np.testing.assert_array_equal(batch, expected[indices] if len(indices) else expected[:0])
+    with pytest.raises(IndexError, match="25 out of range"):
+        store.read_slices([0, 25])
+
+
+def test_finite_check_agrees_with_isfinite_on_every_float16_bit_pattern():
+    from braindino.store.reader import _all_finite
+    patterns = np.arange(65536, dtype=np.uint16)
+    values = patterns.view(np.float16)
+    verdicts = np.array([_all_finite(values[k:k + 1]) for k in range(65536)])
+    np.testing.assert_array_equal(verdicts, np.isfinite(values))
+    background = np.random.default_rng(0).random((4, 64, 64)).astype(np.float16)   # [0, 1): the fast path
+    assert _all_finite(background) and _all_finite(-background)
+    for bits in (0x7C00, 0xFC00, 0x7E00, 0xFFFF):   # +Inf, -Inf, NaN, NaN with the sign bit, anywhere in a batch
+        damaged = background.copy()
+        damaged.view(np.uint16)[2, 17, 5] = bits
+        assert not _all_finite(damaged) and not _all_finite(-damaged)
+
+
+TRUNCATE_THEN_READ = """
+import sys
+from pathlib import Path
+from braindino.errors import InputError
+from braindino.store import SliceStore
+store = SliceStore(sys.argv[1])
+store.read_slices([0, 1])               # maps the shard
+shard = Path(sys.argv[1]) / "shards" / "shard-00000.f16"
+with open(shard, "r+b") as file:
+    file.truncate(0)
+try:
+    store.read_slices([0, 20])           # pages that are gone: SIGBUS if the map were touched before the check
+except InputError as err:
+    print(err)
+"""
+
+
+def test_a_shard_truncated_after_it_was_mapped_is_named_not_a_sigbus(tmp_path, cohort):
+    build(tmp_path / "store", cohort)
+    result = subprocess.run([sys.executable, "-c", TRUNCATE_THEN_READ, str(tmp_path / "store")],
+                            capture_output=True, text=True, encoding="utf-8")
+    assert result.returncode == 0, (result.returncode, result.stderr[-1500:])
+    assert result.stdout.startswith(f"{tmp_path / 'store' / shard_file(0)}: file was truncated or overwritten")
+
+
+class _TruncatesInsideTheWindow(torch.utils.data.Dataset):
+    """Reads a store in a worker the way a truncation inside the SIGBUS window does: the shard shrinks after the
+    batch's first check, and the copy touches pages that are gone (a real SIGBUS kills the worker)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        self.store.read_slices([0])
+        handle, _ = self.store._shard_file(0)
+        with open(handle.path, "r+b") as file:
+            file.truncate(0)
+        return np.array(handle.pixels[-1])
+
+
+def test_a_worker_killed_by_sigbus_names_the_truncated_shard(tmp_path, cohort):
+    from braindino.train.data import batches_checked_against
+    build(tmp_path / "store", cohort)
+    store = SliceStore(tmp_path / "store")
+    loader = torch.utils.data.DataLoader(_TruncatesInsideTheWindow(store), batch_size=None, num_workers=1)
+    with pytest.raises(InputError) as err:
+        list(batches_checked_against(loader, store))
+    assert str(err.value).startswith(f"{tmp_path / 'store' / shard_file(0)}: file was truncated or overwritten")

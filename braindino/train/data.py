@@ -92,9 +92,25 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> StepBatch:
         indices = global_batch_indices(step, self.global_batch_size, len(self.store), self.seed)
         mine = indices[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
-        slices = torch.from_numpy(np.stack([self.store[int(i)] for i in mine])).unsqueeze(1)
+        slices = torch.from_numpy(self.store.read_slices(mine)).unsqueeze(1)
         masks = step_masks(self.mask_sampler, 2 * self.local_batch_size, self.seed, step, self.rank)
         return StepBatch(slices, masks)
+
+
+def batches_checked_against(loader: torch.utils.data.DataLoader, store: SliceStore):
+    """The loader's batches; when a worker process dies (a shard truncated while a worker copied a batch out of its
+    memory map raises SIGBUS there), the store file that changed is named (``SliceStore.check_files``) in place
+    of torch's "worker exited unexpectedly"."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError:
+            store.check_files()
+            raise
+        yield batch
 
 
 def step_loader(store: SliceStore, config, rank: int, world_size: int, start_step: int) -> torch.utils.data.DataLoader:

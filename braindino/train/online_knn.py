@@ -66,7 +66,7 @@ class OnlineKNN:
         votes of the training volumes for the other volumes (and, for a seeded half split, the other way round)."""
         embeddings = []
         for indices in self.slice_indices:
-            images = torch.from_numpy(np.stack([self.store[i] for i in indices])).unsqueeze(1).to(device).float()
+            images = torch.from_numpy(self.store.read_slices(indices)).unsqueeze(1).to(device).float()
             images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                                      antialias=True, align_corners=False)
             embeddings.append(embed(images).float().mean(0))

@@ -26,7 +26,7 @@ from braindino.errors import InputError
 from braindino.store import SliceStore
 from braindino.train import checkpoint as ckpt
 from braindino.train.config import save_config
-from braindino.train.data import step_loader
+from braindino.train.data import batches_checked_against, step_loader
 from braindino.train.distributed import agree_max, barrier, init_distributed
 from braindino.train.metrics_log import MetricsLog
 from braindino.train.online_knn import OnlineKNN
@@ -248,7 +248,7 @@ def _train(config, data_dir, run_dir, resume, stop_requests: StopRequests) -> di
     if knn is not None and start_step == 0:   # the baseline every later kNN value is read against
         log.log(0, knn_record("monitor/knn_accuracy_init", knn.accuracy(embed, device, config.crops.global_size)))
     started = step_clock = time.perf_counter()
-    for step, batch in zip(range(start_step, iters), loader):
+    for step, batch in zip(range(start_step, iters), batches_checked_against(loader, store)):
         result = run_step(step, batch)
         skips.add(result.skipped_flag)
         progress.update(1)
