@@ -337,3 +337,32 @@ def test_flip_mirrors_left_right_anatomy_not_front_back():
     flipped_row, flipped_col = centre_of(flipped, flipped.max())
     assert right_row > 25 and flipped_row < 15                       # right -> left
     assert abs(flipped_col - right_col) < 1                          # front-back position unchanged
+
+
+def test_intensity_chain_copies_once_never_touches_its_input_and_equals_the_steps_one_by_one():
+    from braindino.augment.intensity import (OUTPUT_RANGE, IntensityAugmentConfig, augment_intensity,
+                                             random_bias_field, random_blur, random_contrast, random_gamma, random_ghosting,
+                                             random_gibbs, random_noise, random_spike)
+    config = IntensityAugmentConfig(p_gamma=0.5, p_bias_field=0.5, p_gibbs=0.5, p_ghosting=0.5, p_spike=0.5,
+                                    p_blur=0.5, p_noise=0.5, p_contrast=0.5)
+    images = torch.rand(12, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = images.clone()
+    chained = augment_intensity(images, config, torch.Generator().manual_seed(7))
+    assert torch.equal(images, before)
+    generator = torch.Generator().manual_seed(7)
+    expected = images
+    for step in (lambda x: random_gamma(x, generator, config.p_gamma, config.log_gamma),
+                 lambda x: random_bias_field(x, generator, config.p_bias_field, config.bias_coefficient,
+                                             config.bias_order),
+                 lambda x: random_gibbs(x, generator, config.p_gibbs, config.gibbs_keep_fraction),
+                 lambda x: random_ghosting(x, generator, config.p_ghosting, config.ghost_count,
+                                           config.ghost_intensity),
+                 lambda x: random_spike(x, generator, config.p_spike, config.spike_intensity),
+                 lambda x: random_blur(x, generator, config.p_blur, config.blur_sigma),
+                 lambda x: random_noise(x, generator, config.p_noise, config.noise_std),
+                 lambda x: random_contrast(x, generator, config.p_contrast, config.scale, config.shift)):
+        kept = expected.clone()
+        result = step(expected)
+        assert torch.equal(expected, kept)   # each step alone is out of place
+        expected = result
+    assert torch.equal(images, before) and torch.equal(chained, expected.clamp(*OUTPUT_RANGE)) and not torch.equal(chained, images)

@@ -174,7 +174,8 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int | None 
 
 
 def random_gamma(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.5, log_gamma: tuple = (-0.3, 0.3)
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.5, log_gamma: tuple = (-0.3, 0.3),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``adjust_gamma`` with ``gamma = exp(U(log_gamma))``, each sample with probability ``p``."""
     if p <= 0:
@@ -182,7 +183,7 @@ def random_gamma(
     batch, device = images.shape[0], images.device
     selected = draw_selection(batch, p, generator, device)
     gamma = torch.exp(uniform((batch,), *log_gamma, generator, device))
-    return apply_to_selected(images, selected, adjust_gamma, gamma)
+    return apply_to_selected(images, selected, adjust_gamma, gamma, in_place=in_place)
 
 
 def random_contrast(
@@ -191,6 +192,7 @@ def random_contrast(
     p: float = 0.5,
     scale: tuple = (0.75, 1.25),
     shift: tuple = (-0.1, 0.1),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``adjust_contrast`` with ``scale ~ U(scale)``, ``shift ~ U(shift)``, each sample with probability ``p``."""
     if p <= 0:
@@ -199,7 +201,7 @@ def random_contrast(
     selected = draw_selection(batch, p, generator, device)
     scales = uniform((batch,), *scale, generator, device)
     shifts = uniform((batch,), *shift, generator, device)
-    return apply_to_selected(images, selected, adjust_contrast, scales, shifts)
+    return apply_to_selected(images, selected, adjust_contrast, scales, shifts, in_place=in_place)
 
 
 def random_bias_field(
@@ -208,6 +210,7 @@ def random_bias_field(
     p: float = 0.3,
     coefficient: float = 0.5,
     order: int = 3,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``apply_bias_field`` with every polynomial coefficient ``~ U(-coefficient, coefficient)`` (TorchIO-like)."""
     if p <= 0:
@@ -216,11 +219,12 @@ def random_bias_field(
     selected = draw_selection(batch, p, generator, device)
     n_terms = (order + 1) * (order + 2) // 2
     coefficients = uniform((batch, n_terms), -coefficient, coefficient, generator, device)
-    return apply_to_selected(images, selected, apply_bias_field, coefficients)
+    return apply_to_selected(images, selected, apply_bias_field, coefficients, in_place=in_place)
 
 
 def random_gibbs(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.2, keep_fraction: tuple = (0.4, 0.9)
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.2, keep_fraction: tuple = (0.4, 0.9),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``gibbs_ringing`` with ``keep_fraction ~ U(keep_fraction)``, each sample with probability ``p``."""
     if p <= 0:
@@ -228,11 +232,12 @@ def random_gibbs(
     batch, device = images.shape[0], images.device
     selected = draw_selection(batch, p, generator, device)
     fractions = uniform((batch,), *keep_fraction, generator, device)
-    return apply_to_selected(images, selected, gibbs_ringing, fractions)
+    return apply_to_selected(images, selected, gibbs_ringing, fractions, in_place=in_place)
 
 
 def random_spike(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.1, intensity: tuple = (0.1, 0.5)
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.1, intensity: tuple = (0.1, 0.5),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``add_spike`` at a uniformly drawn non-DC k-space location with ``intensity ~ U(intensity)``."""
     if p <= 0:
@@ -242,7 +247,7 @@ def random_spike(
     selected = draw_selection(batch, p, generator, device)
     locations = torch.randint(1, height * width, (batch,), generator=generator, device=device)
     intensities = uniform((batch,), *intensity, generator, device)
-    return apply_to_selected(images, selected, add_spike, locations, intensities)
+    return apply_to_selected(images, selected, add_spike, locations, intensities, in_place=in_place)
 
 
 def random_ghosting(
@@ -251,6 +256,7 @@ def random_ghosting(
     p: float = 0.1,
     ghost_count: tuple = (2, 6),
     intensity: tuple = (0.1, 0.5),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``add_ghosting`` with ``n`` uniform in ``ghost_count`` (inclusive), ``intensity ~ U(intensity)``, random axis."""
     if p <= 0:
@@ -262,11 +268,12 @@ def random_ghosting(
     counts = torch.randint(int(ghost_count[0]), int(ghost_count[1]) + 1, (batch,), generator=generator, device=device)
     intensities = uniform((batch,), *intensity, generator, device)
     axes = torch.randint(0, 2, (batch,), generator=generator, device=device)
-    return apply_to_selected(images, selected, add_ghosting, counts, intensities, axes)
+    return apply_to_selected(images, selected, add_ghosting, counts, intensities, axes, in_place=in_place)
 
 
 def random_noise(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.3, std: tuple = (0.0, 0.05)
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.3, std: tuple = (0.0, 0.05),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Add Gaussian noise with per-sample ``std ~ U(std)``, each sample with probability ``p``.
 
@@ -282,11 +289,12 @@ def random_noise(
         noise = torch.randn(chosen.shape, generator=generator, device=device, dtype=chosen.dtype)
         return chosen + _per_sample(chosen_stds) * noise
 
-    return apply_to_selected(images, selected, add_noise, stds)
+    return apply_to_selected(images, selected, add_noise, stds, in_place=in_place)
 
 
 def random_blur(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.3, sigma: tuple = (0.1, 1.5)
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.3, sigma: tuple = (0.1, 1.5),
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``gaussian_blur`` with per-sample ``sigma ~ U(sigma)`` pixels, each sample with probability ``p``."""
     if p <= 0:
@@ -301,7 +309,17 @@ def random_blur(
     def blur(chosen: torch.Tensor, chosen_sigmas: torch.Tensor) -> torch.Tensor:
         return gaussian_blur(chosen, chosen_sigmas, radius)
 
-    return apply_to_selected(images, selected, blur, sigmas)
+    return apply_to_selected(images, selected, blur, sigmas, in_place=in_place)
+
+
+def _copy_on_first_write(images: torch.Tensor, steps) -> torch.Tensor:
+    """Run ``steps`` (each ``(images, owned) → images``) in order. Once a step has returned a new tensor, the
+    chain owns it and later steps may write into it (``owned=True``): the caller's ``images`` are never modified
+    and the batch is copied at most once on the CPU (on a GPU every step returns a new tensor anyway)."""
+    original = images
+    for step in steps:
+        images = step(images, images is not original)
+    return images
 
 
 def augment_acquisition(
@@ -317,11 +335,14 @@ def augment_acquisition(
     check_generator(generator, images.device)
     if images.shape[0] == 0:
         return images
-    images = random_gamma(images, generator, config.p_gamma, config.log_gamma)
-    images = random_bias_field(images, generator, config.p_bias_field, config.bias_coefficient, config.bias_order)
-    images = random_gibbs(images, generator, config.p_gibbs, config.gibbs_keep_fraction)
-    images = random_ghosting(images, generator, config.p_ghosting, config.ghost_count, config.ghost_intensity)
-    return random_spike(images, generator, config.p_spike, config.spike_intensity)
+    steps = [lambda x, owned: random_gamma(x, generator, config.p_gamma, config.log_gamma, in_place=owned),
+             lambda x, owned: random_bias_field(x, generator, config.p_bias_field, config.bias_coefficient,
+                                                config.bias_order, in_place=owned),
+             lambda x, owned: random_gibbs(x, generator, config.p_gibbs, config.gibbs_keep_fraction, in_place=owned),
+             lambda x, owned: random_ghosting(x, generator, config.p_ghosting, config.ghost_count,
+                                              config.ghost_intensity, in_place=owned),
+             lambda x, owned: random_spike(x, generator, config.p_spike, config.spike_intensity, in_place=owned)]
+    return _copy_on_first_write(images, steps)
 
 
 def augment_appearance(
@@ -333,9 +354,11 @@ def augment_appearance(
     check_generator(generator, images.device)
     if images.shape[0] == 0:
         return images.clamp(*OUTPUT_RANGE)
-    images = random_blur(images, generator, config.p_blur, config.blur_sigma)
-    images = random_noise(images, generator, config.p_noise, config.noise_std)
-    images = random_contrast(images, generator, config.p_contrast, config.scale, config.shift)
+    steps = [lambda x, owned: random_blur(x, generator, config.p_blur, config.blur_sigma, in_place=owned),
+             lambda x, owned: random_noise(x, generator, config.p_noise, config.noise_std, in_place=owned),
+             lambda x, owned: random_contrast(x, generator, config.p_contrast, config.scale, config.shift,
+                                              in_place=owned)]
+    images = _copy_on_first_write(images, steps)
     return images.clamp(*OUTPUT_RANGE)
 
 

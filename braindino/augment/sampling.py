@@ -60,10 +60,13 @@ GATHER_ON_CPU = True
 the code path a GPU takes."""
 
 
-def apply_to_selected(images: torch.Tensor, selected: torch.Tensor | None, operation, *parameters) -> torch.Tensor:
+def apply_to_selected(images: torch.Tensor, selected: torch.Tensor | None, operation, *parameters,
+                      in_place: bool = False) -> torch.Tensor:
     """``operation(images, *parameters)`` on the selected rows; the other rows pass through unchanged.
 
     images: ``[B, C, H, W]``; selected: ``[B]`` bool or ``None`` (all rows); every parameter has leading dim ``B``.
+    ``in_place``: the caller owns ``images`` and lets the CPU path write the selected rows into it (a chain of
+    augmentations copies the batch once, not once per step); ``images`` is never modified otherwise.
     On a GPU the operation runs on every row and ``torch.where`` picks the result per row: gathering the selected
     rows would need their number on the host, a sync that makes the GPU wait. On the CPU there is nothing to wait
     for, so the selected rows are gathered and the others cost nothing (``GATHER_ON_CPU``).
@@ -74,7 +77,7 @@ def apply_to_selected(images: torch.Tensor, selected: torch.Tensor | None, opera
         index = selected.nonzero().squeeze(1)
         if index.numel() == 0:
             return images
-        result = images.clone()
+        result = images if in_place else images.clone()
         result[index] = operation(images[index], *(parameter[index] for parameter in parameters))
         return result
     return torch.where(selected.view(-1, *([1] * (images.dim() - 1))), operation(images, *parameters), images)
