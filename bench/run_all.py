@@ -59,8 +59,10 @@ def main(argv=None) -> int:
             ("bench_store.py", ["--subjects", "2" if args.quick else "4", "--reads", "20000"]),
             ("bench_loader.py", ["--store", str(store), "--steps", steps]),
             ("bench_augment.py", ["--iters", "2" if args.quick else "5"]),
-            ("bench_step_overhead.py", ["--store", str(store), "--steps", "10" if args.quick else "15"]),
-            ("bench_extract.py", ["--manifest", str(cohort / "manifest.csv"), "--workers", "1"]),
+            ("bench_step_overhead.py", ["--store", str(store), "--steps", "10" if args.quick else "15",
+                                        "--repeats", "1" if args.quick else "3"]),
+            ("bench_extract.py", ["--manifest", str(cohort / "manifest.csv"),
+                                  "--repeats", "1" if args.quick else "3"]),
             ("bench_probe.py", ["--volumes", "300" if args.quick else "1000"]),
         ]
         if torch.cuda.is_available():

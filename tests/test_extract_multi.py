@@ -1,11 +1,13 @@
 """Extraction with several encoders at once: one read per distinct preprocessing, each folder as a run of its own."""
 
+import os
 from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import head_like_volume, write_tiny_model
 
 import braindino
@@ -131,3 +133,20 @@ def test_probe_extracts_model_and_baselines_with_one_read_per_volume(encoders, c
     assert reads == {(0.5, 99.5): 3}
     for entry in entries:
         assert len(entry.rows) == 2 and entry.features.root == tmp_path / "run" / "features" / entry.slug
+
+
+def test_auto_reader_workers_leave_a_cpu_encoder_its_cores(monkeypatch):
+    from types import SimpleNamespace
+
+    from braindino.extract.cohort import auto_reader_workers
+    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    threads = torch.get_num_threads()
+    try:
+        for torch_threads, expected in [(8, 0), (6, 2), (2, 4), (1, 4)]:
+            torch.set_num_threads(torch_threads)
+            assert auto_reader_workers([cpu]) == expected
+        torch.set_num_threads(8)
+        assert auto_reader_workers([cpu, gpu]) == 4 and auto_reader_workers([gpu]) == 4
+    finally:
+        torch.set_num_threads(threads)

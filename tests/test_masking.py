@@ -93,3 +93,18 @@ def test_which_images_are_masked_is_random_and_reproducible():
     assert len({masked_rows(seed) for seed in range(10)}) > 5
     unmasked_fraction = np.mean([1 - len(masked_rows(seed)) / 16 for seed in range(10)])
     assert unmasked_fraction == pytest.approx(0.5)
+
+
+def test_fast_fill_and_erosion_equal_scipys_on_random_masks():
+    from scipy import ndimage
+
+    from braindino.ingest.head_mask import AXIAL_FILL_STRUCTURE, _eroded, _holes_filled
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(4, 28, 3))
+        mask = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2.0)) > rng.uniform(0.45, 0.55)
+        np.testing.assert_array_equal(_holes_filled(mask), ndimage.binary_fill_holes(mask))
+        np.testing.assert_array_equal(_holes_filled(mask, AXIAL_FILL_STRUCTURE, edge_axes=(0, 1)),
+                                      ndimage.binary_fill_holes(mask, structure=AXIAL_FILL_STRUCTURE))
+        np.testing.assert_array_equal(_eroded(mask), ndimage.binary_erosion(mask, structure=np.ones((3, 3, 3)),
+                                                                            border_value=1))

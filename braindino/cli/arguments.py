@@ -134,14 +134,22 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, seeds: str = "0,1,2"
                         help=f"bootstrap resamples of subjects for CIs and paired tests (default {bootstrap})")
 
 
-def add_workers(parser: argparse.ArgumentParser) -> None:
+def add_workers(parser: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--workers``; with ``auto`` its default is None: the extraction readers' own choice (on a CPU encoder only the
+    cores torch's threads leave free, see ``braindino.extract.cohort.auto_reader_workers``)."""
+    if auto:
+        parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                            help="reader processes (default: up to 4 with a GPU encoder; with a CPU encoder only the "
+                                 "cores torch's threads leave free, often 0; 0: read in this process)")
+        return
     parser.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, metavar="N",
                         help=f"worker processes (default {DEFAULT_WORKERS}: up to 4 cores; 0: in this process)")
 
 
-def add_extraction_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+def add_extraction_arguments(parser: argparse.ArgumentParser, batch_size: int = 64,
+                             auto_workers: bool = False) -> None:
     """Worker processes, slices per encoder batch and the slice stride."""
-    add_workers(parser)
+    add_workers(parser, auto=auto_workers)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
                         help=f"slices per encoder batch (default {batch_size})")
     parser.add_argument("--slice-stride", type=positive_int, default=1, metavar="K",

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
                                 "folder per model (volumes already embedded by the same model are reused)")
     parser.add_argument("--patch-tokens", action="store_true",
                         help="also store the patch tokens [S, N, D] (float16; large)")
-    add_extraction_arguments(parser)
+    add_extraction_arguments(parser, auto_workers=True)
 
 
 def interrupted(args) -> str:

