@@ -7,7 +7,7 @@ In-process: ``with hooks(reads_file, nan_calls): train(...)``. Under torchrun, a
 
 writes ``READS_DIR/reads-rank{R}.json`` (the slice indices rank R read, in order) and makes the objective's loss NaN on
 the ranks in NAN_RANKS (comma-separated, "" for none) at its calls NAN_CALLS (0-based, counted per process).
-Only public entry points are wrapped: ``SliceStore.__getitem__`` (reads made by the online kNN monitor are not
+Only public entry points are wrapped: ``SliceStore.read_slices`` (reads made by the online kNN monitor are not
 counted) and ``DINOObjective.forward``.
 """
 
@@ -39,13 +39,13 @@ def hooks(reads_file=None, nan_calls=(), no_intensity=False):
     from braindino.train.online_knn import OnlineKNN
 
     reads, in_knn, calls = [], [False], [0]
-    original_getitem, original_forward = SliceStore.__getitem__, DINOObjective.forward
+    original_read, original_forward = SliceStore.read_slices, DINOObjective.forward
     original_accuracy, original_intensity = OnlineKNN.accuracy, config_module.DEFAULTS["intensity"]
 
-    def recording_getitem(self, i):
+    def recording_read(self, indices):
         if not in_knn[0]:
-            reads.append(int(i))
-        return original_getitem(self, i)
+            reads.extend(int(i) for i in indices)
+        return original_read(self, indices)
 
     def knn_accuracy(self, *args, **kwargs):
         in_knn[0] = True
@@ -61,13 +61,13 @@ def hooks(reads_file=None, nan_calls=(), no_intensity=False):
         # under torchrun, every rank agreeing on it) can stop the update; DDP would spread NaN gradients by itself
         return (total + torch.tensor(float("nan")) if call in nan_calls else total), terms, extra
 
-    SliceStore.__getitem__, DINOObjective.forward, OnlineKNN.accuracy = recording_getitem, nan_forward, knn_accuracy
+    SliceStore.read_slices, DINOObjective.forward, OnlineKNN.accuracy = recording_read, nan_forward, knn_accuracy
     if no_intensity:
         config_module.DEFAULTS["intensity"] = intensity_off_defaults()
     try:
         yield reads
     finally:
-        SliceStore.__getitem__, DINOObjective.forward = original_getitem, original_forward
+        SliceStore.read_slices, DINOObjective.forward = original_read, original_forward
         OnlineKNN.accuracy, config_module.DEFAULTS["intensity"] = original_accuracy, original_intensity
         if reads_file is not None:
             Path(reads_file).write_text(json.dumps(reads), encoding="utf-8")
