@@ -283,6 +283,26 @@ def test_unexpected_error_cause_is_its_first_line(cohort, tmp_path, capsys, monk
     assert "itkImageFileReader" not in console and "more detail" not in console
 
 
+def test_prepare_and_extract_give_the_same_cause_and_hint_for_the_same_unexpected_error(cohort, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import braindino
+    from braindino.extract.cohort import extract_cohort
+
+    def failing_reader(path, volume_index=None):
+        raise RuntimeError("ITK ERROR: reader failed\n  at itkImageFileReader.hxx line 135")
+
+    monkeypatch.setattr("braindino.ingest.worker.load_volume", failing_reader)
+    assert prepare(cohort, tmp_path / "store", "--workers", "0") == 1
+    _features, report = extract_cohort(braindino.load_encoder("random:vit_tiny"), cohort, tmp_path / "features",
+                                       workers=0, progress=False)
+    prepared = pd.read_csv(tmp_path / "store" / "errors.csv")[["path", "cause", "hint"]]
+    extracted = pd.read_csv(tmp_path / "features" / "errors.csv")[["path", "cause", "hint"]]
+    assert len(prepared) == 4 and report.computed == 0
+    pd.testing.assert_frame_equal(prepared.sort_values("path").reset_index(drop=True),
+                                  extracted.sort_values("path").reset_index(drop=True))
+    assert prepared["hint"].str.contains("report this error type").all()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_library_warnings_do_not_reach_the_console(tmp_path, workers):
     """nibabel logs a line about negative pixdim that names no file: only braindino's own line may appear.
