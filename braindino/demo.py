@@ -89,6 +89,7 @@ def heldout_comparison(probe_dir: Path) -> list[str]:
     test, Holm-adjusted)."""
     import json
 
+    from braindino.probe.formatting import interval
     from braindino.probe.results import ProbeResults
 
     path = probe_dir / "metrics.json"
@@ -108,7 +109,7 @@ def heldout_comparison(probe_dir: Path) -> list[str]:
             except KeyError:
                 continue
             parts.append(f"{'pretrained' if encoder.role == 'model' else encoder.name} {aggregate.mean:.3f} "
-                         f"[{_fmt(aggregate.low)}, {_fmt(aggregate.high)}]")
+                         f"{interval(aggregate.low, aggregate.high)}")
         verdicts = [_verdict(c, endpoint.higher_is_better[endpoint.headline], 1 - results.confidence)
                     for c in endpoint.comparisons
                     if c.setting == setting]
@@ -117,17 +118,11 @@ def heldout_comparison(probe_dir: Path) -> list[str]:
     return lines
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _verdict(comparison, higher_is_better: bool, alpha: float) -> str:
-    """The probe's verdict (:func:`braindino.probe.compare.verdict`, Holm-adjusted over the endpoint) with its p."""
-    from braindino.probe.compare import judged_p, verdict
-    from braindino.probe.report import format_p
+    """The probe's verdict (:func:`braindino.probe.compare.verdict`, Holm-adjusted over the endpoint) with its p:
+    "better than pixels (p=0.004, Holm 0.012)", "no significant difference vs pixels (…)"."""
+    from braindino.probe.compare import verdict
+    from braindino.probe.formatting import p_text
 
     judged = verdict(comparison, higher_is_better, alpha)
-    p, raw = judged_p(comparison), comparison.p_value
-    shown = ("p" + ("" if raw is not None and raw < 0.001 else "=") + format_p(raw)
-             + ("" if p is None or p == raw else f", Holm {format_p(p)}"))
-    return f"{judged} {'vs' if judged.startswith(('no', 'not')) else 'than'} {comparison.baseline} ({shown})"
+    return f"{judged} {'vs' if judged.startswith(('no', 'not')) else 'than'} {comparison.baseline} ({p_text(comparison)})"

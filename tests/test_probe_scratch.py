@@ -258,7 +258,7 @@ def _comparison(baseline, setting, difference, p, holm, holm_run=None):
 
 def test_verdicts_and_the_demo_headline_count_only_corrected_wins(tmp_path):
     from braindino.demo_report import headline_wins, plain_words, write_demo_report
-    from braindino.probe.report import _verdict
+    from braindino.probe.formatting import verdict_text as _verdict
 
     assert _verdict(_comparison("scratch", "100%", 0.1, 0.02, 0.08), True, 0.05) == \
         "no significant difference (p=0.020, Holm 0.080)"
@@ -297,6 +297,6 @@ def test_verdicts_and_the_demo_headline_count_only_corrected_wins(tmp_path):
     (probe / "metrics.json").write_text(json.dumps(results.to_dict()), encoding="utf-8")
     (probe / "report.md").write_text("# Probe report: model\n\n## Summary\n\n**a** verdicts.\n\n## a\n",
                                      encoding="utf-8")
-    report = write_demo_report(tmp_path, ["header", "  a (balanced_accuracy, 100%): pretrained 0.9"], "1 s")
+    report = write_demo_report(tmp_path, "1 s")
     text = report.read_text(encoding="utf-8")
-    assert sentence in text and "(`scratch`" in text and "- a (balanced_accuracy, 100%): pretrained 0.9" in text
+    assert sentence in text and "(`scratch`" in text and "## Results at a glance" in text

@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import json
 import re
+import shutil
 
 import matplotlib
 
@@ -276,3 +277,90 @@ def test_empty_predicted_masks_give_a_reason_not_a_figure(run, tmp_path):
     reason = report._overlay(tmp_path, results.endpoints[3], results, rows, tmp_path / "overlay.png", "here")
     assert reason == "No mask overlay: every predicted mask of here is empty (no foreground voxel)."
     assert not (tmp_path / "overlay.png").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_report(run, tmp_path_factory):
+    """(demo folder, report.md text) of the demo report over the hand-built run, with one win at p < 0.001 (diagnosis,
+    100 %, vs pixels) that survives every adjustment."""
+    import shutil
+
+    from braindino.demo_report import write_demo_report
+
+    run_dir, results, _ = run
+    demo = tmp_path_factory.mktemp("demo")
+    shutil.copytree(run_dir, demo / "probe")
+    data = results.to_dict()
+    for endpoint in data["endpoints"]:
+        for c in endpoint["comparisons"]:
+            if (endpoint["name"], c["setting"], c["baseline"]) == ("diagnosis", "100%", "pixels"):
+                c.update(difference=0.05, low=0.02, high=0.08, p_value=0.0004, p_holm=0.0008, p_holm_run=0.0009)
+    (demo / "probe" / "metrics.json").write_text(json.dumps(data), encoding="utf-8")
+    path = write_demo_report(demo, "demo finished in 1s")
+    return demo, path.read_text(encoding="utf-8")
+
+
+def _glance_row(text, endpoint):
+    section = text.split("## Results at a glance")[1].split("\n## ")[0]
+    line = next(line for line in section.splitlines() if line.startswith(f"| {endpoint} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_demo_report_opens_with_one_table_then_the_forest_plot_the_curves_and_one_short_verdict(demo_report):
+    demo, text = demo_report
+    order = [text.index(h) for h in ("## Results at a glance", "![forest plot", "![learning curves",
+                                     "## Where pretraining helped, and where it did not",
+                                     "## Probing the held-out cohort")]
+    assert order == sorted(order)
+    assert _glance_row(text, "endpoint") == ["endpoint", "metric (setting)", "pretrained", "random_like", "pixels"]
+    diagnosis = _glance_row(text, "diagnosis")
+    assert diagnosis[1] == "balanced_accuracy (higher is better; 100%)"
+    assert diagnosis[2].startswith("**") and not diagnosis[3].startswith("**")      # the model is best there
+    assert diagnosis[4].endswith("▲") and "▲" not in diagnosis[3]                  # p<0.001 marked; p=0.31 not
+    age = _glance_row(text, "age")                                                   # mae: the lowest is best
+    assert age[4].startswith("**") and not age[2].startswith("**") and "▲" not in "".join(age)
+    verdict = text.split("## Where pretraining helped, and where it did not\n\n")[1].split("\n## ")[0].strip()
+    assert verdict.count("\n") == 0                                                  # one paragraph
+    # unadjusted p (the hand-built run has no Holm values): random_like lost at diagnosis 10 % (p 0.004), age 25 %
+    # (0.02), lesion (0.03), not os (0.08); pixels at diagnosis 100 % (the planted p < 0.001) and lesion (0.001)
+    assert verdict.startswith("In plain words: the pretrained encoder beat random init on 3 of 4 endpoints and the "
+                              "pixel baseline on 2 of 4 endpoints")
+    assert verdict.endswith("Wins: diagnosis (over random_like, pixels); age (over random_like); lesion (over "
+                            "random_like, pixels).")
+    assert text.count("**diagnosis** (classification") == 1                          # the per-endpoint paragraph once
+    for name in ("forest", "learning-curves"):
+        assert (demo / "figures" / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+    page = (demo / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == text.count("![")
+
+
+def test_forest_plot_rows_are_the_models_differences_at_fraction_settings(demo_report):
+    from braindino.demo_report import forest_rows
+
+    demo, _ = demo_report
+    results = ProbeResults.from_dict(json.loads((demo / "probe" / "metrics.json").read_text(encoding="utf-8")))
+    rows = forest_rows(results)
+    assert set(rows["label"][rows["endpoint"] == "diagnosis"]) == {"random_like, 10%", "random_like, 100%",
+                                                                  "pixels, 10%", "pixels, 100%"}
+    win = rows[(rows["endpoint"] == "diagnosis") & (rows["label"] == "pixels, 100%")].iloc[0]
+    assert (win["difference"], win["low"], win["high"], win["significant"]) == (0.05, 0.02, 0.08, True)
+    assert not rows[(rows["endpoint"] == "age") & (rows["label"] == "random_like, 100%")].iloc[0]["significant"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (Debian package) to render the HTML")
+def test_demo_report_renders_in_a_headless_browser(demo_report, tmp_path):
+    """report.html as a reader opens it: chromium renders it to a PNG whose top shows the table (dark text on
+    white, not a blank or broken page) and whose height takes in every inlined figure."""
+    import subprocess
+
+    from matplotlib.image import imread
+
+    demo, text = demo_report
+    shot = tmp_path / "page.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1280,1600", (demo / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1600, 1280)
+    dark = (pixels.mean(axis=-1) < 0.35).mean()
+    assert 0.005 < dark < 0.5, dark                       # text and table rules drawn, page not black

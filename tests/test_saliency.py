@@ -151,3 +151,62 @@ def test_tumour_probe_gradient_puts_its_mass_on_the_tumour(tmp_path):
         assert record["probability"] > 0.9
         ratios.append(tumour_mass_ratio(np.asarray(nib.load(record["head_gradient"]).dataobj), mask, head))
     assert len(ratios) == 2 and min(ratios) > 3.0, ratios
+
+
+def _planes(cuts, affine, shape) -> list[int]:
+    """The voxel index k of the axial plane nearest each world z of ``cuts`` (axis 2 along world z)."""
+    return [int(round((z - affine[2, 3]) / affine[2, 2])) for z in cuts]
+
+
+def test_montage_cuts_go_through_the_lesion_on_a_flipped_grid_and_otherwise_through_the_maps_maximum():
+    from braindino.saliency.montage import CUTS, cuts_around_peak, cuts_through_lesion
+
+    affine = np.diag([-1.0, 1.0, -2.0, 1.0])                 # z stored inferior-first: voxel k at world -2k + 40
+    affine[2, 3] = 40.0
+    lesion = np.zeros((20, 20, 40), np.uint8)
+    lesion[5:9, 5:9, 27:33] = 1                               # planes 27..32 only, far from the volume's middle
+    cuts = cuts_through_lesion(lesion, affine)
+    assert len(cuts) == CUTS
+    planes = _planes(cuts, affine, lesion.shape)
+    assert all(lesion[:, :, k].any() for k in planes), planes
+    assert min(planes) < 30 < max(planes)                     # spread over the lesion, not one plane
+    with pytest.raises(ValueError, match="no foreground"):
+        cuts_through_lesion(np.zeros_like(lesion), affine)
+
+    saliency = np.zeros((20, 20, 40), np.float32)
+    saliency[3, 4, 9] = 1.0                                   # the maximum, world z = 22
+    saliency[10, 10, 30] = 0.5
+    cuts = cuts_around_peak(saliency, affine)
+    assert len(cuts) == CUTS and cuts[CUTS // 2] == 22.0
+    assert all(abs(z - 22.0) <= 12.0 for z in cuts) and len(set(cuts)) == CUTS
+    four_d = np.stack([np.zeros_like(saliency), saliency], axis=-1)          # per-head maps: the max over heads
+    assert cuts_around_peak(four_d, affine)[CUTS // 2] == 22.0
+
+
+def test_montage_of_a_listed_image_cuts_through_its_manifest_mask_and_an_unreadable_mask_fails_only_its_volume(
+        tmp_path, tiny_encoder, capsys):
+    import pandas as pd
+
+    from braindino.saliency import run_saliency
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(3):
+        data, mask = tumour_volume(rng, tumour=True)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"sub-{i}.nii.gz")
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / f"sub-{i}_mask.nii.gz")
+        rows.append({"path": f"sub-{i}.nii.gz", "subject": f"sub-{i}", "mask": f"sub-{i}_mask.nii.gz"})
+    (tmp_path / "sub-2_mask.nii.gz").write_bytes(b"not a nifti")
+    rows.append({"path": "healthy.nii.gz", "subject": "healthy", "mask": ""})
+    nib.save(nib.Nifti1Image(tumour_volume(rng, tumour=False)[0], np.eye(4)), tmp_path / "healthy.nii.gz")
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    images = [tmp_path / "sub-0.nii.gz", tmp_path / "sub-2.nii.gz", tmp_path / "healthy.nii.gz"]
+    run = run_saliency(tiny_encoder.name, tmp_path / "out", images=images, manifest=str(tmp_path / "manifest.csv"),
+                       device="cpu")
+    err = capsys.readouterr().err
+    assert run.failed == 1 and err.count("error:") == 1
+    assert "sub-2_mask.nii.gz" in err and "lesion mask could not be read" in err
+    assert not (tmp_path / "out" / "sub-2").exists()                       # nothing of the failed volume written
+    cuts = {r["name"]: r["montage_cuts"] for r in run.records}
+    assert cuts == {"sub-0": "through the lesion mask", "healthy": "around the map's maximum"}
+    assert (tmp_path / "out" / "sub-0" / "montage.png").stat().st_size > 1000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from braindino.atomic import atomic_write_text
 from braindino.cli.arguments import add_out, add_workers, comma_list, positive_int
-from braindino.demo import CONFIG, ENDPOINTS_YAML, SCRATCH_ARGS, StageClock, demo_summary, heldout_comparison
+from braindino.demo import CONFIG, ENDPOINTS_YAML, SCRATCH_ARGS, StageClock, demo_summary
 from braindino.demo_report import write_demo_report
 
 
@@ -169,7 +169,7 @@ def run(args) -> int:
         if status:
             return status
     summary = demo_summary(run_dir, probe_dir, clock)
-    report = write_demo_report(out, heldout_comparison(probe_dir), clock.line())
+    report = write_demo_report(out, clock.line())
     print(summary)
     print(f"  one report: {report} and {report.with_suffix('.html')}")
     return 0

@@ -35,7 +35,21 @@ def learning_curve(curve: pd.DataFrame, metric: str, path, title: str = "") -> P
     first encoder (the model under test) is drawn on top, so a baseline with equal scores cannot hide it.
     """
     figure = Figure(figsize=(6.4, 4.2))
-    ax = figure.add_subplot()
+    _draw_learning_curve(figure.add_subplot(), curve, metric, title or f"Learning curve: {metric}")
+    return _save(figure, path)
+
+
+def learning_curves(curves: list[tuple[str, pd.DataFrame, str]], path, columns: int = 3) -> Path:
+    """Small multiples of :func:`learning_curve`: one panel per (title, curve, metric), ``columns`` per row."""
+    rows = -(-len(curves) // columns)
+    figure = Figure(figsize=(4.2 * min(columns, len(curves)), 3.4 * rows))
+    for i, (title, curve, metric) in enumerate(curves):
+        _draw_learning_curve(figure.add_subplot(rows, min(columns, len(curves)), i + 1), curve, metric, title)
+    return _save(figure, path)
+
+
+def _draw_learning_curve(ax, curve: pd.DataFrame, metric: str, title: str) -> None:
+    """:func:`learning_curve`'s drawing on ``ax``."""
     colours = {}
     groups = list(curve.groupby("encoder", sort=False))
     for i, (encoder, rows) in enumerate(groups):
@@ -56,9 +70,45 @@ def learning_curve(curve: pd.DataFrame, metric: str, path, title: str = "") -> P
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training data (% of training subjects; ◇ = few-shot)")
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(title or f"Learning curve: {metric}")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def forest_plot(differences: pd.DataFrame, path, title: str = "") -> Path:
+    """Model − baseline differences with their CIs, one panel per endpoint (each on its metric's own scale).
+
+    ``differences`` rows: endpoint, metric, higher_is_better (bool), label (e.g. "pixels, 100%"), difference, low,
+    high, significant (bool: after the multiplicity correction). A row is a horizontal CI with its point estimate,
+    filled when significant, hollow otherwise; the dashed line is no difference, and each panel's x label says which
+    side the model is better on. Rows with an undefined difference are left out.
+    """
+    shown = differences[np.isfinite(differences["difference"].to_numpy(float))]
+    endpoints = list(dict.fromkeys(shown["endpoint"]))
+    heights = [max(1, (shown["endpoint"] == e).sum()) for e in endpoints] or [1]
+    figure = Figure(figsize=(7.0, 0.9 + 0.32 * sum(heights) + 0.55 * len(heights)))
+    axes = figure.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
+    for ax, endpoint in zip(axes, endpoints):
+        rows = shown[shown["endpoint"] == endpoint].reset_index(drop=True)
+        y = np.arange(len(rows))[::-1]
+        estimate = rows["difference"].to_numpy(float)
+        low = np.nan_to_num(estimate - rows["low"].to_numpy(float), nan=0.0)
+        high = np.nan_to_num(rows["high"].to_numpy(float) - estimate, nan=0.0)
+        ax.errorbar(estimate, y, xerr=[np.maximum(low, 0), np.maximum(high, 0)], fmt="none", ecolor="#555",
+                    capsize=3)
+        significant = rows["significant"].to_numpy(bool)
+        ax.scatter(estimate[significant], y[significant], color="#c0392b", zorder=3, label="significant")
+        ax.scatter(estimate[~significant], y[~significant], facecolors="white", edgecolors="#555", zorder=3)
+        ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_yticks(y, rows["label"], fontsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        better = "right" if bool(rows["higher_is_better"].iloc[0]) else "left"
+        ax.set_title(endpoint, fontsize=9, loc="left")
+        ax.set_xlabel(f"model − baseline, {rows['metric'].iloc[0]} (model better to the {better})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    if title:
+        figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
 

@@ -12,7 +12,6 @@ predicted-vs-true, Kaplan–Meier, mask overlay) show the model under test at th
 
 import base64
 import html
-import math
 import re
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import pandas as pd
 from braindino.atomic import atomic_write_text
 from braindino.errors import InputError
 from braindino.probe import figures
-from braindino.probe.compare import judged_p, verdict
-from braindino.probe.results import Comparison, EndpointResult, ProbeResults
+from braindino.probe.formatting import format_p, number, signed, verdict_text
+from braindino.probe.results import EndpointResult, ProbeResults
 
 FIGURES_DIR = "figures"
 
@@ -51,18 +50,6 @@ def _read_predictions(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def _number(value, digits: int = 3) -> str:
-    """A metric value with ``digits`` decimals; None or NaN → "n/a"."""
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def format_p(value) -> str:
-    """A p-value: three decimals, "<0.001" below that, "n/a" when undefined."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def _run_lines(results: ProbeResults) -> list[str]:
     lines = [f"Command: `{results.command}`", "",
              f"Seeds: {', '.join(map(str, results.seeds))}; {results.n_bootstrap} bootstrap resamples of subjects; "
@@ -70,19 +57,6 @@ def _run_lines(results: ProbeResults) -> list[str]:
              "| encoder | role | spec | parameters | fingerprint |", "|---|---|---|---|---|"]
     lines += [f"| {e.name} | {e.role} | {e.spec} | {e.parameters:,} | {e.fingerprint} |" for e in results.encoders]
     return lines + [""]
-
-
-def _verdict(comparison: Comparison | None, higher_is_better: bool, alpha: float) -> str:
-    """:func:`~braindino.probe.compare.verdict` with its p-values: "better (p=…, Holm …)", "worse (…)", "no
-    significant difference (…)", or why there is none."""
-    if comparison is None:
-        return "not compared (setting not run)"
-    judged = verdict(comparison, higher_is_better, alpha)
-    if judged == "not testable":
-        return "not testable (p undefined)"
-    raw, p = comparison.p_value, judged_p(comparison)
-    shown = "p" + (format_p(raw) if raw < 0.001 else "=" + format_p(raw)) + (f", Holm {format_p(p)}" if p != raw else "")
-    return f"{judged} ({shown})"
 
 
 def _fraction_settings(endpoint: EndpointResult) -> list[str]:
@@ -118,9 +92,9 @@ def _summary(endpoint: EndpointResult, results: ProbeResults) -> str:
         parts = []
         for setting in _fraction_settings(endpoint):
             comparison = found.get((setting, baseline))
-            verdict = _verdict(comparison, higher, alpha)
+            verdict = verdict_text(comparison, higher, alpha)
             if comparison is not None and comparison.p_value is not None:
-                verdict += f", difference {_signed(comparison.difference)}"
+                verdict += f", difference {signed(comparison.difference)}"
             parts.append(f"at {setting} {verdict}")
             verdicts.append(verdict)
         text += f" Against {baseline}: " + "; ".join(parts) + "."
@@ -128,9 +102,9 @@ def _summary(endpoint: EndpointResult, results: ProbeResults) -> str:
         parts = []
         for setting in _fraction_settings(endpoint):
             comparison = found.get((setting, name))
-            verdict = _verdict(comparison, higher, alpha)
+            verdict = verdict_text(comparison, higher, alpha)
             if comparison is not None and comparison.p_value is not None:
-                verdict += f", difference {_signed(comparison.difference)}"
+                verdict += f", difference {signed(comparison.difference)}"
             parts.append(f"at {setting} {verdict}")
         text += f" Frozen probe against {name} (fine-tuned): " + "; ".join(parts) + "."
     if not any(v.startswith("better") for v in verdicts):
@@ -148,10 +122,6 @@ def _sample_count(endpoint: EndpointResult) -> str:
     if endpoint.n_samples == endpoint.n_subjects:
         return f"{endpoint.n_subjects} subjects"
     return f"{endpoint.n_samples} {endpoint.unit}s of {endpoint.n_subjects} subjects (one sample per {endpoint.unit})"
-
-
-def _signed(value) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.3f}"
 
 
 def _endpoint_lines(run_dir: Path, endpoint: EndpointResult, results: ProbeResults,
@@ -195,9 +165,9 @@ def _scores_table(endpoint: EndpointResult, results: ProbeResults) -> list[str]:
             cells = [encoder, setting, f"{score.n_train:g}", str(score.n_test), f"{100 * score.fraction_trained:.3g}%"]
             for metric in endpoint.metrics:
                 value = score.metrics[metric]
-                shown = format_p(value.value) if metric.endswith("_p") else _number(value.value)
+                shown = format_p(value.value) if metric.endswith("_p") else number(value.value)
                 if value.low is not None and value.high is not None:
-                    shown += f" [{_number(value.low)}, {_number(value.high)}]"
+                    shown += f" [{number(value.low)}, {number(value.high)}]"
                 cells += [shown, _mean_std(endpoint, encoder, setting, metric, len(results.seeds))]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -209,7 +179,7 @@ def _mean_std(endpoint: EndpointResult, encoder: str, setting: str, metric: str,
         item = endpoint.aggregate(encoder, setting, metric)
     except KeyError:
         return "n/a"
-    text = f"{_number(item.mean)} ± {_number(item.std)}"
+    text = f"{number(item.mean)} ± {number(item.std)}"
     return text + (f" (n={item.n_seeds})" if item.n_seeds != n_seeds else "")
 
 
@@ -218,9 +188,9 @@ def _comparisons_table(endpoint: EndpointResult, results: ProbeResults) -> list[
     lines = [f"| setting | model | baseline | metric | difference (model − baseline) [{level} CI] | p | p (Holm) | "
              "subjects | resamples | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in endpoint.comparisons:
-        verdict = _verdict(c, endpoint.higher_is_better[c.metric], 1 - results.confidence)
-        lines.append(f"| {c.setting} | {c.model} | {c.baseline} | {c.metric} | {_signed(c.difference)} "
-                     f"[{_signed(c.low)}, {_signed(c.high)}] | {format_p(c.p_value)} | {format_p(c.p_holm)} | {c.n_subjects} | "
+        verdict = verdict_text(c, endpoint.higher_is_better[c.metric], 1 - results.confidence)
+        lines.append(f"| {c.setting} | {c.model} | {c.baseline} | {c.metric} | {signed(c.difference)} "
+                     f"[{signed(c.low)}, {signed(c.high)}] | {format_p(c.p_value)} | {format_p(c.p_holm)} | {c.n_subjects} | "
                      f"{c.n_resamples} | {verdict.split(' (')[0]} |")
     return lines
 
@@ -231,7 +201,7 @@ def _endpoint_figures(run_dir: Path, endpoint: EndpointResult, results: ProbeRes
     out = run_dir / FIGURES_DIR
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", endpoint.name)
     metric = endpoint.headline
-    curve = _curve_table(endpoint, results)
+    curve = curve_table(endpoint, results)
     drawn, missing = [], []
     if (curve["kind"] == "fraction").any():
         drawn.append((f"{endpoint.name}: learning curve ({metric})",
@@ -272,7 +242,7 @@ def _endpoint_figures(run_dir: Path, endpoint: EndpointResult, results: ProbeRes
     return drawn, missing
 
 
-def _curve_table(endpoint: EndpointResult, results: ProbeResults) -> pd.DataFrame:
+def curve_table(endpoint: EndpointResult, results: ProbeResults) -> pd.DataFrame:
     """Learning-curve rows (encoder, kind, percent, label, mean, std) of the headline metric. A shot setting is
     placed at the share of the full training set it used: mean n_train / (n_train at the largest fraction ÷ that
     fraction)."""

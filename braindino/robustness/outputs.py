@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from braindino.atomic import atomic_path, atomic_write_json, atomic_write_text
+from braindino.probe.formatting import format_p, interval, number, signed
 from braindino.robustness.perturbations import PERTURBATIONS
 
 TABLE_COLUMNS = ["encoder", "perturbation", "parameter", "severity", "metric", "value", "low", "high", "clean",
@@ -37,16 +38,6 @@ def write_errors(path, errors: list[dict]) -> Path:
     return Path(path)
 
 
-def _number(value, signed: bool = False) -> str:
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _interval(low, high, signed: bool = False) -> str:
-    return f"[{_number(low, signed)}, {_number(high, signed)}]"
-
-
 def write_markdown(path, rows: list[dict], header: dict, curves: dict[str, Path]) -> Path:
     """One table per perturbation: severity × encoder → metric [CI] and drop [CI]."""
     lines = [f"# Robustness: {header['endpoint']} ({header['task']})", "",
@@ -61,9 +52,9 @@ def write_markdown(path, rows: list[dict], header: dict, curves: dict[str, Path]
                   f"| {spec.parameter} | encoder | {header['metric']} | CI | drop | CI | p |",
                   "|---:|---|---:|---|---:|---|---:|"]
         for _, row in part.iterrows():
-            lines.append(f"| {row['severity']:g} | {row['encoder']} | {_number(row['value'])} | "
-                         f"{_interval(row['low'], row['high'])} | {_number(row['drop'], True)} | "
-                         f"{_interval(row['drop_low'], row['drop_high'], True)} | {_number(row['p_value'])} |")
+            lines.append(f"| {row['severity']:g} | {row['encoder']} | {number(row['value'])} | "
+                         f"{interval(row['low'], row['high'])} | {signed(row['drop'])} | "
+                         f"{interval(row['drop_low'], row['drop_high'], with_sign=True)} | {format_p(row['p_value'])} |")
         lines.append("")
         if perturbation in curves:
             lines += [f"![{perturbation}]({Path(curves[perturbation]).relative_to(Path(path).parent)})", ""]
@@ -114,10 +105,10 @@ def worst_drops(rows: list[dict]) -> dict[str, dict]:
 def console_line(encoder: str, row: dict | None, metric: str) -> str:
     if row is None:
         return f"robustness: {encoder}: no finite {metric} under any perturbation"
-    return (f"robustness: {encoder}: clean {metric} {_number(row['clean'])} "
-            f"{_interval(row['clean_low'], row['clean_high'])}; worst drop {_number(row['drop'], True)} "
-            f"{_interval(row['drop_low'], row['drop_high'], True)} at {row['perturbation']} "
-            f"{row['parameter']}={row['severity']:g} ({metric} {_number(row['value'])})")
+    return (f"robustness: {encoder}: clean {metric} {number(row['clean'])} "
+            f"{interval(row['clean_low'], row['clean_high'])}; worst drop {signed(row['drop'])} "
+            f"{interval(row['drop_low'], row['drop_high'], with_sign=True)} at {row['perturbation']} "
+            f"{row['parameter']}={row['severity']:g} ({metric} {number(row['value'])})")
 
 
 def write_metrics_json(path, header: dict, rows: list[dict], errors: list[dict]) -> Path:

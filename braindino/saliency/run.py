@@ -18,7 +18,7 @@ from time import perf_counter
 import numpy as np
 import pandas as pd
 
-from braindino.errors import InputError
+from braindino.errors import InputError, error_line
 
 MAP_FILES = {"cls_attention": "cls_attention.nii.gz", "cls_attention_heads": "cls_attention_heads.nii.gz",
              "rollout": "rollout.nii.gz", "head_gradient": "head_gradient.nii.gz"}
@@ -41,16 +41,21 @@ def _safe(name: str) -> str:
 
 
 def _volumes(images, manifest, sequence) -> list[dict]:
-    """[{path, volume_index, name, subject, sequence}] to map."""
+    """[{path, volume_index, name, subject, sequence, mask}] to map (mask: the volume's lesion mask path from the
+    manifest's ``mask`` column, also for an ``--image`` the manifest lists; "" when there is none)."""
     if images:
+        masks = {}
+        if manifest is not None and "mask" in manifest.columns:
+            masks = {str(Path(p).resolve()): m for p, m in zip(manifest["path"], manifest["mask"]) if isinstance(m, str)}
         return [{"path": str(p), "volume_index": None, "name": _safe(Path(p).name.split(".")[0]), "subject": "",
-                 "sequence": ""} for p in images]
+                 "sequence": "", "mask": masks.get(str(Path(p).resolve()), "")} for p in images]
     rows = manifest[manifest["sequence"] == sequence] if sequence else manifest
     if "split" in rows.columns and (rows["split"] == "test").any():
         rows = rows[rows["split"] == "test"]
     return [{"path": r["path"], "volume_index": None if pd.isna(r.get("volume_index")) else int(r["volume_index"]),
              "name": _safe(f"{r['subject']}_{r['sequence']}" if r.get("sequence") else r["subject"]),
-             "subject": r["subject"], "sequence": r.get("sequence", "")} for _, r in rows.iterrows()]
+             "subject": r["subject"], "sequence": r.get("sequence", ""),
+             "mask": r["mask"] if isinstance(r.get("mask"), str) else ""} for _, r in rows.iterrows()]
 
 
 def train_head(encoder, manifest, spec, seed: int, features_dir: Path, workers: int, batch_size: int,
@@ -149,6 +154,21 @@ def run_saliency(model, out, *, images=None, manifest=None, task=None, target=No
     return SaliencyRun(paths, records, failed)
 
 
+def _lesion(path: str):
+    """The manifest's lesion mask of a volume as a nibabel image, None when it has no foreground voxel (the montage
+    then cuts around the map's maximum); InputError naming the file when it cannot be read (raised before any map
+    of the volume is written)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise InputError(path, f"lesion mask could not be read: {error_line(err)}",
+                         "fix or remove the manifest's mask cell") from None
+    return image if (data > 0).any() else None
+
+
 def map_volume(encoder, volume: dict, folder: Path, fitted, pooling, task, classes, class_name, montage: bool,
                batch_size: int) -> tuple[dict, list[Path]]:
     """Every map of one volume → (its saliency.csv record, paths written)."""
@@ -159,6 +179,7 @@ def map_volume(encoder, volume: dict, folder: Path, fitted, pooling, task, class
     from braindino.saliency.volume_maps import patch_maps_to_native, write_nifti
     from heads import SlicePooling
 
+    lesion = _lesion(volume["mask"]) if volume.get("mask") else None
     loaded, prepared = ingest_source(volume["path"], volume["volume_index"], encoder.preprocessing)
     geometry = volume_geometry(loaded, prepared, encoder.input_size, encoder.grid)
     slices, z = prepared.slices, prepared.z_indices
@@ -201,6 +222,8 @@ def map_volume(encoder, volume: dict, folder: Path, fitted, pooling, task, class
         shown = [(label, nib.load(str(folder / MAP_FILES[key]))) for key, label in
                  (("head_gradient", "probe gradient"), ("cls_attention", "CLS attention"), ("rollout", "rollout"))
                  if key in native]
-        written.append(saliency_montage(volume["path"], shown, folder / "montage.png", title=folder.name))
+        written.append(saliency_montage(volume["path"], shown, folder / "montage.png", title=folder.name,
+                                        lesion=lesion))
         record["montage"] = str(written[-1])
+        record["montage_cuts"] = "through the lesion mask" if lesion is not None else "around the map's maximum"
     return record, written
