@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny slice store built through the real `braindino prepare` from real NIfTI files."""
+"""Shared test helpers: synthetic heads and cohorts written as real NIfTI files, a tiny slice store built through
+the real `braindino prepare`, tiny model folders, and the overrides that shrink a training recipe to seconds."""
 
 import os
 
@@ -9,6 +10,13 @@ import pytest
 from scipy import ndimage
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# A depth-2 ViT-Ti on 32 px crops with small heads, batch 8, in-process data loading and no progress bar: the
+# common core of the training tests' overrides (each test file adds what it checks on top).
+TINY_RECIPE = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "crops.global_size=32",
+               "crops.local_size=16", "dino.n_prototypes=64", "ibot.n_prototypes=64", "dino.head_hidden_dim=64",
+               "dino.head_bottleneck_dim=32", "optim.global_batch_size=8", "train.num_workers=0",
+               "train.progress=false"]
 
 
 def head_like_volume(rng: np.random.Generator, shape=(40, 40, 20), lesion: bool = False) -> np.ndarray:
@@ -22,6 +30,29 @@ def head_like_volume(rng: np.random.Generator, shape=(40, 40, 20), lesion: bool 
         centre = rng.uniform(-0.3, 0.3, size=3)[:, None, None, None]
         volume[(((grid - centre) / 0.25) ** 2).sum(0) < 1] = 900
     return volume.astype(np.float32)
+
+
+def lesion_cohort(root, n_subjects: int = 12, affine=None, masks: bool = False) -> list[dict]:
+    """Write ``n_subjects`` × (T1, FLAIR) head-like volumes [32, 32, 10] into ``root`` (seed 0; odd subjects with a
+    bright lesion, and with ``masks`` its mask, voxels > 850, beside each volume) → the manifest rows: path, subject,
+    sequence, dx (lesion / healthy), age, time, event (and mask). The caller edits and writes them."""
+    affine = np.eye(4) if affine is None else affine
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_subjects):
+        lesion = i % 2 == 1
+        for sequence in ("T1", "FLAIR"):
+            data = head_like_volume(rng, shape=(32, 32, 10), lesion=lesion)
+            path = root / f"sub-{i:02d}_{sequence}.nii.gz"
+            nib.save(nib.Nifti1Image(data, affine), path)
+            rows.append({"path": path.name, "subject": f"sub-{i:02d}", "sequence": sequence,
+                         "dx": "lesion" if lesion else "healthy", "age": 40 + 3 * i + 10 * lesion,
+                         "time": 5 + i + 20 * (not lesion), "event": int(i % 3 != 0)})
+            if masks:
+                mask = root / f"sub-{i:02d}_{sequence}_mask.nii.gz"
+                nib.save(nib.Nifti1Image((data > 850).astype(np.int16), affine), mask)
+                rows[-1]["mask"] = mask.name
+    return rows
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _train_hooks import NO_INTENSITY, hooks
+from conftest import TINY_RECIPE
 
 from braindino.train import checkpoint as ckpt
 from braindino.train.config import load_config
@@ -27,12 +28,9 @@ from braindino.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "dino_vit_tiny_cpu.yaml"
-TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "crops.global_size=32", "crops.local_size=16",
-        "dino.n_prototypes=64", "ibot.n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-        "optim.global_batch_size=8", "optim.warmup_iters=2", "dino.freeze_last_layer_iters=2",
-        "teacher.temp_warmup_iters=5", "train.num_workers=0", "train.progress=false", "train.log_every=1",
-        "train.monitor_every=5", "optim.base_lr=0.05",
-        "dino.head_batchnorm=false"]   # a BN head normalises over each process's local batch: not world-size exact
+TINY = TINY_RECIPE + ["optim.warmup_iters=2", "dino.freeze_last_layer_iters=2", "teacher.temp_warmup_iters=5",
+                      "train.log_every=1", "train.monitor_every=5", "optim.base_lr=0.05",
+                      "dino.head_batchnorm=false"]   # a BN head normalises over each process's batch: not world-size exact
 SAME_VIEWS = ["crops.n_local=0", "crops.global_scale=[1.0,1.0]", "crops.flip_p=0.0", "crops.max_rotation_deg=0.0",
               "ibot.loss_weight=0.0", "koleo.loss_weight=0.0", "model.drop_path_rate=0.0"]
 # Clipping off: the clip factor divides by the gradient norm, which DDP sums over whole tensors and FSDP over shards,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TINY_RECIPE
 from safetensors.torch import load_file, save_file
 
 import braindino
@@ -24,11 +25,9 @@ from braindino.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "dino_vit_tiny_cpu.yaml"
-TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "crops.global_size=32",
-        "crops.local_size=16", "crops.n_local=2", "dino.n_prototypes=64", "ibot.n_prototypes=64",
-        "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "optim.global_batch_size=8", "optim.iters=3",
-        "optim.warmup_iters=1", "model.layerscale_init=1.0",   # LayerScale 1: tokens depend on the input
-        "train.num_workers=0", "train.progress=false", "train.checkpoint_every=3"]
+TINY = TINY_RECIPE + ["crops.n_local=2", "optim.iters=3", "optim.warmup_iters=1",
+                      "model.layerscale_init=1.0",   # LayerScale 1: tokens depend on the input
+                      "train.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")

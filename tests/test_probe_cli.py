@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import head_like_volume, write_tiny_model
+from conftest import lesion_cohort, write_tiny_model
 
 from braindino.probe.results import ProbeResults
 from probe import main
@@ -26,19 +26,7 @@ def cohort(tmp_path_factory):
     """12 subjects × (T1, FLAIR) volumes [32, 32, 10] (half with a bright lesion + its mask), labels dx, age,
     time, event, mask."""
     root = tmp_path_factory.mktemp("probe_cohort")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(N_SUBJECTS):
-        lesion = i % 2 == 1
-        for sequence in ("T1", "FLAIR"):
-            data = head_like_volume(rng, shape=(32, 32, 10), lesion=lesion)
-            path = root / f"sub-{i:02d}_{sequence}.nii.gz"
-            nib.save(nib.Nifti1Image(data, AFFINE), path)
-            mask = root / f"sub-{i:02d}_{sequence}_mask.nii.gz"
-            nib.save(nib.Nifti1Image((data > 850).astype(np.int16), AFFINE), mask)
-            rows.append({"path": path.name, "subject": f"sub-{i:02d}", "sequence": sequence,
-                         "dx": "lesion" if lesion else "healthy", "age": 40 + 3 * i + 10 * lesion,
-                         "time": 5 + i + 20 * (not lesion), "event": int(i % 3 != 0), "mask": mask.name})
+    rows = lesion_cohort(root, N_SUBJECTS, AFFINE, masks=True)
     rows[2]["age"] = None                       # an empty label: that subject still has it on its other row
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"

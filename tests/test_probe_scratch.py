@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import head_like_volume, write_tiny_model
+from conftest import lesion_cohort, write_tiny_model
 
 from braindino.probe.results import Comparison, EndpointResult, EncoderInfo, ProbeResults
 from heads.finetune import LoRALinear, ViTSliceBackbone
@@ -34,16 +34,7 @@ def tiny_model(tmp_path_factory):
 def cohort(tmp_path_factory):
     """12 subjects × (T1, FLAIR) volumes [32, 32, 10], half with a bright lesion; labels dx, age, time, event."""
     root = tmp_path_factory.mktemp("scratch_cohort")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(N_SUBJECTS):
-        lesion = i % 2 == 1
-        for sequence in ("T1", "FLAIR"):
-            path = root / f"sub-{i:02d}_{sequence}.nii.gz"
-            nib.save(nib.Nifti1Image(head_like_volume(rng, shape=(32, 32, 10), lesion=lesion), np.eye(4)), path)
-            rows.append({"path": path.name, "subject": f"sub-{i:02d}", "sequence": sequence,
-                         "dx": "lesion" if lesion else "healthy", "age": 40 + 3 * i + 10 * lesion,
-                         "time": 5 + i + 20 * (not lesion), "event": int(i % 3 != 0)})
+    rows = lesion_cohort(root, N_SUBJECTS)
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RECIPE
 
 from braindino.train import checkpoint as ckpt
 from braindino.train.config import load_config
@@ -19,13 +20,10 @@ from braindino.train.step import build_networks
 from braindino.train.trainer import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.drop_path_rate=0.1",
-        "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
-        "dino.n_prototypes=64", "ibot.n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-        "simclr.hidden_dim=64", "simclr.projection_dim=32",
-        "optim.global_batch_size=8", "optim.warmup_iters=2", "dino.freeze_last_layer_iters=2",
-        "teacher.temp_warmup_iters=5", "train.num_workers=0", "train.progress=false", "train.log_every=1",
-        "train.monitor_every=5", "train.checkpoint_every=5"]
+TINY = TINY_RECIPE + ["model.drop_path_rate=0.1", "crops.n_local=2", "simclr.hidden_dim=64",
+                      "simclr.projection_dim=32", "optim.warmup_iters=2", "dino.freeze_last_layer_iters=2",
+                      "teacher.temp_warmup_iters=5", "train.log_every=1", "train.monitor_every=5",
+                      "train.checkpoint_every=5"]
 CONFIG = ROOT / "configs" / "dino_vit_tiny_cpu.yaml"
 
 
