@@ -366,3 +366,34 @@ def test_intensity_chain_copies_once_never_touches_its_input_and_equals_the_step
         assert torch.equal(expected, kept)   # each step alone is out of place
         expected = result
     assert torch.equal(images, before) and torch.equal(chained, expected.clamp(*OUTPUT_RANGE)) and not torch.equal(chained, images)
+
+
+@pytest.mark.parametrize("height, width", [(31, 33), (32, 33), (31, 32)])
+def test_half_spectrum_filters_equal_the_full_spectrum_on_odd_and_even_grids(height, width):
+    """Gibbs and ghosting filter the real FFT's half spectrum: the same image as numpy's full fft2 → gain → ifft2,
+    whatever the parity of each axis (the Nyquist row / column is where a half-spectrum mask goes wrong)."""
+    images = torch.rand((2, 1, height, width), generator=generator(4))
+    rows, cols = np.abs(np.fft.fftfreq(height)), np.abs(np.fft.fftfreq(width))
+    rung = gibbs_ringing(images, torch.tensor([0.5, 1.0]))
+    for sample, keep_fraction in enumerate([0.5, 1.0]):
+        keep = (rows[:, None] <= keep_fraction / 2) & (cols[None, :] <= keep_fraction / 2)
+        expected = np.real(np.fft.ifft2(np.fft.fft2(images[sample, 0].double().numpy()) * keep))
+        np.testing.assert_allclose(rung[sample, 0].numpy(), expected, atol=2e-6)
+    ghosted = add_ghosting(images, torch.tensor([2, 3]), torch.tensor([0.5, 0.3]), torch.tensor([1, 0]))
+    for sample, (count, strength, axis) in enumerate([(2, 0.5, 1), (3, 0.3, 0)]):
+        signed = np.rint(np.fft.fftfreq(width if axis == 1 else height, d=1 / (width if axis == 1 else height)))
+        factor = np.where((signed.astype(int) % count == 0) & (signed != 0), 1 - strength, 1.0)
+        factor = factor[None, :] if axis == 1 else factor[:, None]
+        expected = np.real(np.fft.ifft2(np.fft.fft2(images[sample, 0].double().numpy()) * factor))
+        np.testing.assert_allclose(ghosted[sample, 0].numpy(), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("size", [7, 16, 96])
+def test_sampling_grid_is_affine_grid(size):
+    """The crop's sampling grid equals ``F.affine_grid(align_corners=False)`` (pixel centres, x along W, y along H)
+    to float rounding; the align_corners=True lattice or swapped axes differ by ≥ 1/size."""
+    from braindino.augment.geometry import sampling_grid
+
+    theta = torch.randn((5, 2, 3), generator=generator(size))
+    expected = F.affine_grid(theta, [5, 1, size, size], align_corners=False)
+    torch.testing.assert_close(sampling_grid(theta, size), expected, atol=2e-6, rtol=0)

@@ -102,9 +102,8 @@ def gibbs_ringing(images: torch.Tensor, keep_fraction: torch.Tensor) -> torch.Te
     height, width = images.shape[-2:]
     half_keep = _per_sample(keep_fraction) / 2
     keep_rows = torch.fft.fftfreq(height, device=images.device).abs().view(1, 1, height, 1) <= half_keep
-    keep_cols = torch.fft.fftfreq(width, device=images.device).abs().view(1, 1, 1, width) <= half_keep
-    spectrum = torch.fft.fft2(images) * (keep_rows & keep_cols)
-    return torch.fft.ifft2(spectrum).real.to(images.dtype)
+    keep_cols = torch.fft.rfftfreq(width, device=images.device).view(1, 1, 1, -1) <= half_keep
+    return _real_filtered(images, keep_rows & keep_cols)
 
 
 def add_spike(images: torch.Tensor, frequency_index: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
@@ -116,7 +115,8 @@ def add_spike(images: torch.Tensor, frequency_index: torch.Tensor, intensity: to
     ``(2A / HW) * cos(2 pi (ky y / H + kx x / W))`` (``A / HW`` for a self-conjugate bin), computed directly.
     """
     height, width = images.shape[-2:]
-    amplitude = torch.fft.fft2(images).abs().amax(dim=(-2, -1)) * intensity.view(-1, 1)
+    # the half spectrum holds every |F| (|F(-k)| = |F(k)| for a real image): its max is the full max
+    amplitude = torch.fft.rfft2(images).abs().amax(dim=(-2, -1)) * intensity.view(-1, 1)
     row_frequency = (frequency_index // width).to(images.dtype)
     col_frequency = (frequency_index % width).to(images.dtype)
     self_conjugate = ((2 * (frequency_index // width)) % height == 0) & ((2 * (frequency_index % width)) % width == 0)
@@ -141,14 +141,21 @@ def add_ghosting(
     height, width = images.shape[-2:]
     count = ghost_count.view(-1, 1)
     row_index = torch.fft.fftfreq(height, d=1.0 / height, device=images.device).round().long().view(1, height)
-    col_index = torch.fft.fftfreq(width, d=1.0 / width, device=images.device).round().long().view(1, width)
+    col_index = torch.fft.rfftfreq(width, d=1.0 / width, device=images.device).round().long().view(1, -1)
     row_lines = (row_index.remainder(count) == 0) & (row_index != 0)
     col_lines = (col_index.remainder(count) == 0) & (col_index != 0)
     along_rows = (axis == 0).view(-1, 1, 1)
     lines = torch.where(along_rows, row_lines.unsqueeze(2), col_lines.unsqueeze(1))
     factor = 1.0 - intensity.view(-1, 1, 1).to(images.dtype) * lines.to(images.dtype)
-    spectrum = torch.fft.fft2(images) * factor.unsqueeze(1)
-    return torch.fft.ifft2(spectrum).real.to(images.dtype)
+    return _real_filtered(images, factor.unsqueeze(1))
+
+
+def _real_filtered(images: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """``ifft2(fft2(images) * G).real`` for a real ``images`` ``[B, C, H, W]`` and a gain ``G`` symmetric under
+    ``k -> -k``, given on the half spectrum of ``torch.fft.rfft2`` (``gain`` broadcastable to ``[B, C, H, W // 2 +
+    1]``): the filtered spectrum stays Hermitian, so the real transforms give the same image at half the work."""
+    height, width = images.shape[-2:]
+    return torch.fft.irfft2(torch.fft.rfft2(images) * gain, s=(height, width)).to(images.dtype)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
