@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, write_tiny_model
 from safetensors.torch import load_file, save_file
 
 import braindino
-from braindino.encoder.model_folder import timm_config, write_model_folder
 from braindino.errors import InputError
 from braindino.store import SliceStore
 from braindino.train import checkpoint as ckpt
@@ -173,14 +172,6 @@ def test_natural_image_folder_replicates_and_normalises(tmp_path):
     torch.testing.assert_close(encoder.embed_slices(x)["cls"], expected, atol=1e-5, rtol=0)
 
 
-def _write_tiny_model(folder, depth=1):
-    from braindino.models import MaskableViT
-
-    vit = MaskableViT("vit_tiny", patch_size=8, img_size=32, depth=depth).vit
-    config = timm_config("vit_tiny", 192, depth, 3, 8, 32, 4, 1e-5, {"size": 32}, {})
-    write_model_folder(folder, config, vit.state_dict())
-
-
 @pytest.mark.parametrize("case,message", [
     ("missing", "model folder not found"),
     ("pickle_only", "only pickled weights"),
@@ -195,7 +186,7 @@ def test_bad_model_specs_are_one_line_input_errors(tmp_path, case, message):
         torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
         (folder / "config.json").write_text("{}")
     elif case == "mismatch":
-        _write_tiny_model(folder)
+        write_tiny_model(folder)
         config = json.loads((folder / "config.json").read_text())
         config["model_args"]["depth"] = 2
         (folder / "config.json").write_text(json.dumps(config))

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from braindino.robustness.perturbations import PERTURBATIONS, parse_grid, perturb_array
 from braindino.robustness.physics import thick_slices
-from conftest import head_like_volume, write_tiny_model
+from conftest import head_like_volume, lesion_cohort, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +74,8 @@ def test_grid_always_holds_the_clean_severity_and_rejects_unknown_names():
 
 
 def test_robustness_command_end_to_end(tmp_path):
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(12):
-        lesion = i % 2 == 1
-        path = tmp_path / f"sub-{i:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(head_like_volume(rng, shape=(32, 32, 10), lesion=lesion), np.eye(4)), path)
-        rows.append({"path": path.name, "subject": f"sub-{i:02d}", "split": "test" if i >= 8 else "train",
-                     "diagnosis": "lesion" if lesion else "healthy"})
+    rows = [row | {"split": "test" if int(row["subject"][4:]) >= 8 else "train", "diagnosis": row["dx"]}
+            for row in lesion_cohort(tmp_path) if row["sequence"] == "T1"]   # 12 subjects, one volume each
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     model = write_tiny_model(tmp_path / "model")
     out = tmp_path / "run"
