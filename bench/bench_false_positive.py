@@ -1,14 +1,15 @@
 """False-"better" rate of the probe's model-vs-baseline test with two encoders of identical expected quality.
 
 Each simulated cohort: ``n`` subjects with a latent score ``z``; the label is a noisy function of ``z``
-(classification: sign; regression: linear). Both "encoders" see ``z`` through their own random projection plus
-their own noise of the same size, so neither is better in expectation; any "significant" difference is a false
-positive. Every cohort runs the probe's own protocol (``plan_endpoint`` + ``evaluate_endpoint``: subject-grouped
+(classification: sign; regression: linear). Both "encoders" see ``z`` through a random projection of the same
+length (B's is A's, permuted and sign-flipped) plus their own noise of the same size, so neither is better in
+expectation; any "significant" difference is a false positive. Every cohort runs the probe's own protocol (``plan_endpoint`` + ``evaluate_endpoint``: subject-grouped
 5-fold CV over ``seeds``, linear heads with inner CV, the endpoint's comparisons) and counts the comparisons
 whose p < 0.05 (two-sided) and those that also favour the model ("better"). At nominal 5 % a correct test says
 "significant" in about 5 % of cohorts; the pooled-prediction bootstrap it replaced said so in 20.7 %.
 
     OMP_NUM_THREADS=1 python bench/bench_false_positive.py [--cohorts 400] [--task classification] [--subjects 40]
+                                                    [--simulation-seed 0]
 """
 
 import argparse
@@ -38,8 +39,12 @@ def cohort(rng, task: str, n: int, d: int = 20, signal: float = 1.0, noise: floa
         y, classes = {"code": labels}, ["0", "1"]
     else:
         y, classes = {"value": 50 + 10 * z + 3 * rng.normal(size=n)}, None
-    features = [signal * np.outer(z, rng.normal(size=d)) / np.sqrt(d) + noise * rng.normal(size=(n, d))
-                for _ in range(2)]
+    # B's projection is A's with its coordinates permuted and signs flipped: the same |w|, so given z the two
+    # feature sets have one distribution up to a relabelling of the features (which standardisation and an L2
+    # head do not see); independent projections would differ in |w|, a real difference in quality.
+    projection = rng.normal(size=d)
+    projections = [projection, projection[rng.permutation(d)] * rng.choice([-1.0, 1.0], size=d)]
+    features = [signal * np.outer(z, w) / np.sqrt(d) + noise * rng.normal(size=(n, d)) for w in projections]
     subjects = np.array([f"s{i:03d}" for i in range(n)])
     spec = EndpointSpec("sim", task, target="y")
     table = SubjectTable(spec, ["T1"], subjects, subjects, [{"T1": i} for i in range(n)], None, y, classes)
@@ -72,10 +77,12 @@ def main() -> None:
     parser.add_argument("--task", choices=("classification", "regression"), default="classification")
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--simulation-seed", type=int, default=0, help="seed of the cohorts' draws (runs with "
+                        "different seeds simulate different cohorts, to be pooled)")
     args = parser.parse_args()
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = run(args.cohorts, args.task, args.subjects, seeds)
+    out = run(args.cohorts, args.task, args.subjects, seeds, seed=args.simulation_seed)
     print(f"{args.task}, {args.subjects} subjects, 5-fold CV x {len(seeds)} seeds, {out['cohorts']} cohorts: "
           f"significant {out['rate_significant']:.1%} ({out['significant']}), false 'better' "
           f"{out['rate_better']:.1%} ({out['better']}) at nominal {ALPHA:.0%}; "

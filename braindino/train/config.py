@@ -53,8 +53,8 @@ DEFAULTS = {
     "koleo": {"loss_weight": 0.1},
     # A contrastive warm start: SimCLR's NT-Xent on the student DINO head's unit bottleneck (the two global crops)
     # alone for `iters` steps, then a linear cross-fade into DINO + iBOT + KoLeo over `fade_iters` steps. It leaves
-    # DINO's uniform-target fixed point on short runs (README, "Why DINO sat at log K"). 0 and 0: off (DINOv2; the
-    # GPU configs).
+    # DINO's uniform-target fixed point, but on the demo's store it collapsed the backbone's features (README, study
+    # row e5). 0 and 0: off, in every shipped config.
     "contrastive_warmup": {"iters": 0, "fade_iters": 0, "temperature": 0.2},
     "simclr": {"temperature": 0.1, "projection_dim": 128, "hidden_dim": 2048},
     "crops": {
