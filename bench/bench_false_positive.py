@@ -3,13 +3,13 @@
 Each simulated cohort: ``n`` subjects with a latent score ``z``; the label is a noisy function of ``z``
 (classification: sign; regression: linear). Both "encoders" see ``z`` through a random projection of the same
 length (B's is A's, permuted and sign-flipped) plus their own noise of the same size, so neither is better in
-expectation; any "significant" difference is a false positive. Every cohort runs the probe's own protocol (``plan_endpoint`` + ``evaluate_endpoint``: subject-grouped
-5-fold CV over ``seeds``, linear heads with inner CV, the endpoint's comparisons) and counts the comparisons
-whose p < 0.05 (two-sided) and those that also favour the model ("better"). At nominal 5 % a correct test says
-"significant" in about 5 % of cohorts; the pooled-prediction bootstrap it replaced said so in 20.7 %.
+expectation; any "significant" difference is a false positive. Every cohort runs the probe's own protocol
+(``plan_endpoint`` + ``evaluate_endpoint``: subject-grouped 5-fold CV over ``seeds``, linear heads with inner CV,
+the endpoint's comparisons) and counts the comparisons whose p < 0.05 (two-sided) and those that also favour the
+model ("better"). At nominal 5 % a correct test says "significant" in about 5 % of cohorts; the pooled-prediction
+bootstrap it replaced said so in 20.7 %.
 
     OMP_NUM_THREADS=1 python bench/bench_false_positive.py [--cohorts 400] [--task classification] [--subjects 40]
-                                                    [--simulation-seed 0]
 """
 
 import argparse
@@ -77,12 +77,10 @@ def main() -> None:
     parser.add_argument("--task", choices=("classification", "regression"), default="classification")
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--simulation-seed", type=int, default=0, help="seed of the cohorts' draws (runs with "
-                        "different seeds simulate different cohorts, to be pooled)")
     args = parser.parse_args()
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = run(args.cohorts, args.task, args.subjects, seeds, seed=args.simulation_seed)
+    out = run(args.cohorts, args.task, args.subjects, seeds)
     print(f"{args.task}, {args.subjects} subjects, 5-fold CV x {len(seeds)} seeds, {out['cohorts']} cohorts: "
           f"significant {out['rate_significant']:.1%} ({out['significant']}), false 'better' "
           f"{out['rate_better']:.1%} ({out['better']}) at nominal {ALPHA:.0%}; "
